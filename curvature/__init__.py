@@ -1,0 +1,39 @@
+"""losslab.curvature — loss-landscape curvature as pure, jit-compatible functions on pytrees.
+
+Critical sharpness (Kalra et al. 2026, arXiv 2601.16979) from a few forward passes along the
+optimizer's update, its relative form between tasks, a Lanczos Hessian baseline,
+preconditioned and directional sharpness, Hutchinson trace, spectral density and
+gradient-noise curvature; the probes that belong in a training step are also optax gradient
+transformations.
+
+Sign convention: ``direction`` Δθ is a descent direction at unit learning rate; the step is
+``params - eta * direction``. ``loss_fn`` always takes the parameters only (bind the batch with a
+closure, inside your jitted function, with the batch a traced argument).
+"""
+
+from curvature._critical import CriticalSharpness
+from curvature._critical import critical_sharpness
+from curvature._critical import relative_critical_sharpness
+from curvature._critical import relative_sharpness_matrix
+from curvature._critical import STATUS_MAX_EVALS
+from curvature._critical import STATUS_NAMES
+from curvature._critical import STATUS_NO_RISE
+from curvature._critical import STATUS_NONFINITE
+from curvature._critical import STATUS_NOT_DESCENT
+from curvature._critical import STATUS_OK
+from curvature._hvp import directional_sharpness
+from curvature._hvp import hvp
+from curvature._transforms import critical_sharpness_probe
+from curvature._transforms import CriticalSharpnessInfo
+from curvature._transforms import CriticalSharpnessProbeState
+from curvature._transforms import probe_metrics
+from curvature._transforms import relative_sharpness_probe
+from curvature._transforms import RelativeSharpnessInfo
+from curvature._transforms import RelativeSharpnessProbeState
+from curvature._transforms import scale_by_critical_sharpness
+from curvature._transforms import ScaleByCriticalSharpnessState
+
+try:  # Written in parallel; present once its module lands.
+  from curvature._lanczos import *  # noqa: F401,F403
+except ImportError:  # pragma: no cover
+  pass

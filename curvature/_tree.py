@@ -1,0 +1,111 @@
+"""Pytree arithmetic shared by the curvature probes.
+
+Everything works leaf by leaf with ``jnp`` ops, so the probes run unchanged on sharded
+parameters (no ``ravel_pytree``, which would concatenate and gather). Inner products are
+accumulated in at least float32, whatever the leaf dtype: a bf16 dot product loses the
+digits the curvature estimates live on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def accum_dtype(tree: PyTree) -> jnp.dtype:
+  """The dtype reductions over ``tree`` are carried out in: float32 or wider."""
+  leaves = jax.tree.leaves(tree)
+  dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in leaves]) if leaves else jnp.float32
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.float32
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """Sum over leaves of ``<a_i, b_i>``, accumulated in float32 or wider."""
+  dtype = accum_dtype(a)
+  parts = jax.tree.leaves(
+      jax.tree.map(lambda x, y: jnp.vdot(x.astype(dtype), y.astype(dtype)).real, a, b))
+  return sum(parts, jnp.zeros((), dtype))
+
+
+def tree_norm(a: PyTree) -> jax.Array:
+  """Euclidean norm of a pytree viewed as one vector."""
+  return jnp.sqrt(tree_vdot(a, a))
+
+
+def tree_scale(alpha, a: PyTree) -> PyTree:
+  """``alpha * a`` leaf by leaf, keeping each leaf's dtype."""
+  return jax.tree.map(lambda x: (alpha * x).astype(x.dtype), a)
+
+
+def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
+  """``alpha * x + y`` leaf by leaf, keeping the dtype of ``y``."""
+  return jax.tree.map(lambda xi, yi: (alpha * xi + yi).astype(yi.dtype), x, y)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, y: x - y, a, b)
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, y: x + y, a, b)
+
+
+def tree_cast(a: PyTree, dtype) -> PyTree:
+  return jax.tree.map(lambda x: x.astype(dtype), a)
+
+
+def tree_size(a: PyTree) -> int:
+  """Number of scalars in a pytree (a Python int, known at trace time)."""
+  return int(sum(jnp.size(x) for x in jax.tree.leaves(a)))
+
+
+def tree_all_finite(a: PyTree) -> jax.Array:
+  leaves = jax.tree.leaves(a)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def tree_random_like(key: jax.Array, like: PyTree, kind: str = "normal") -> PyTree:
+  """A random pytree shaped like ``like``: ``'normal'`` or ``'rademacher'`` (±1) entries."""
+  leaves, treedef = jax.tree.flatten(like)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  out = []
+  for k, x in zip(keys, leaves):
+    if kind == "normal":
+      out.append(jax.random.normal(k, jnp.shape(x), accum_dtype(x)).astype(x.dtype))
+    elif kind == "rademacher":
+      out.append(jax.random.rademacher(k, jnp.shape(x), jnp.int8).astype(x.dtype))
+    else:
+      raise ValueError(f"kind must be 'normal' or 'rademacher', got {kind!r}")
+  return jax.tree.unflatten(treedef, out)
+
+
+def check_same_structure(a: PyTree, b: PyTree, name_a: str, name_b: str) -> None:
+  """Raise a ValueError naming both arguments when two pytrees do not line up."""
+  sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+  if sa != sb:
+    raise ValueError(
+        f"`{name_a}` and `{name_b}` must have the same pytree structure; got\n"
+        f"  {name_a}: {sa}\n  {name_b}: {sb}")
+  for i, (x, y) in enumerate(zip(jax.tree.leaves(a), jax.tree.leaves(b))):
+    if jnp.shape(x) != jnp.shape(y):
+      raise ValueError(
+          f"`{name_a}` and `{name_b}` differ in the shape of leaf {i}: "
+          f"{jnp.shape(x)} vs {jnp.shape(y)}")
+
+
+def check_scalar_loss(value, name: str = "loss_fn") -> None:
+  """Raise a TypeError when a loss function did not return one real scalar."""
+  shape = jnp.shape(value)
+  if shape != ():
+    raise TypeError(
+        f"`{name}` must return a scalar loss, got an array of shape {shape}; "
+        "reduce it (e.g. with .mean()) or wrap it so that it returns the scalar.")
+  if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+    raise TypeError(f"`{name}` must return a floating-point scalar, got dtype "
+                    f"{jnp.result_type(value)}.")

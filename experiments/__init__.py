@@ -1,0 +1,1 @@
+"""losslab.experiments — the runnable layer (models, data, trainer, CLI, plots)."""
