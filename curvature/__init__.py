@@ -32,8 +32,16 @@ from curvature._transforms import RelativeSharpnessInfo
 from curvature._transforms import RelativeSharpnessProbeState
 from curvature._transforms import scale_by_critical_sharpness
 from curvature._transforms import ScaleByCriticalSharpnessState
-
-try:  # Written in parallel; present once its module lands.
-  from curvature._lanczos import *  # noqa: F401,F403
-except ImportError:  # pragma: no cover
-  pass
+from curvature._lanczos import hessian_eigenvalues
+from curvature._lanczos import HessianEigenvalues
+from curvature._lanczos import lanczos_tridiag
+from curvature._lanczos import LanczosDecomposition
+from curvature._lanczos import top_eigenpairs
+from curvature._noise import gradient_noise_top_eigenvalue
+from curvature._preconditioned import adam_preconditioner
+from curvature._preconditioned import find_adam_state
+from curvature._preconditioned import preconditioned_sharpness
+from curvature._stochastic import hessian_trace
+from curvature._stochastic import HessianTrace
+from curvature._stochastic import spectral_density
+from curvature._stochastic import SpectralDensity

@@ -93,7 +93,9 @@ def _learning_rate_at(learning_rate: ScalarOrSchedule | None, count: jax.Array) 
   return jnp.asarray(learning_rate, jnp.float32)
 
 
-def _check_probe_args(every, step_guess, tol_power, max_evals, growth) -> None:
+def _check_probe_args(every, step_guess, tol_power, max_evals, growth, method) -> None:
+  if method not in ("bisect", "interpolate"):
+    raise ValueError(f"`method` must be 'bisect' or 'interpolate', got {method!r}")
   if not isinstance(every, int) or every < 1:
     raise ValueError(f"`every` must be an int >= 1, got {every!r}")
   if isinstance(growth, str) and growth != "adaptive":
@@ -155,6 +157,7 @@ def critical_sharpness_probe(
     tol_power: int = 4,
     max_evals: int = 40,
     growth: float | str = "adaptive",
+    method: str = "interpolate",
     directional: bool = False,
     scaled: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -199,7 +202,7 @@ def critical_sharpness_probe(
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the
     keyword ``value_fn``; ``value`` is optional; other extra args are ignored.
   """
-  _check_probe_args(every, step_guess, tol_power, max_evals, growth)
+  _check_probe_args(every, step_guess, tol_power, max_evals, growth, method)
   nan = jnp.asarray(jnp.nan, jnp.float32)
 
   def init_fn(params):
@@ -223,7 +226,7 @@ def critical_sharpness_probe(
       res = _critical.critical_sharpness(
           value_fn, params, direction, loss0=value, step_guess=state.warm.step_guess,
           tol_power=tol_power, max_evals=max_evals,
-          growth=_growth(state.warm, growth, tol_power))
+          growth=_growth(state.warm, growth, tol_power), method=method)
       sharp = res.sharpness.astype(jnp.float32)
       if directional:
         ds = _hvp.directional_sharpness(value_fn, params, direction).astype(jnp.float32)
@@ -259,6 +262,7 @@ def relative_sharpness_probe(
     tol_power: int = 4,
     max_evals: int = 40,
     growth: float | str = "adaptive",
+    method: str = "interpolate",
     scaled: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Records relative critical sharpness of named extra losses along the current update.
@@ -286,7 +290,7 @@ def relative_sharpness_probe(
     raise ValueError(f"`names` must be a non-empty sequence of str, got {names!r}")
   if len(set(names)) != len(names):
     raise ValueError(f"`names` must be distinct, got {names!r}")
-  _check_probe_args(every, step_guess, tol_power, max_evals, growth)
+  _check_probe_args(every, step_guess, tol_power, max_evals, growth, method)
   nan = jnp.asarray(jnp.nan, jnp.float32)
 
   def per_name(v):
@@ -321,7 +325,7 @@ def relative_sharpness_probe(
         out[n] = _critical.critical_sharpness(
             relative_value_fns[n], params, direction, step_guess=state.warm[n].step_guess,
             tol_power=tol_power, max_evals=max_evals,
-            growth=_growth(state.warm[n], growth, tol_power))
+            growth=_growth(state.warm[n], growth, tol_power), method=method)
       sharp = {n: r.sharpness.astype(jnp.float32) for n, r in out.items()}
       info = RelativeSharpnessInfo(
           sharpness=sharp,

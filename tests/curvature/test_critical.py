@@ -185,6 +185,8 @@ def test_bad_input_errors_name_the_argument():
     curvature.critical_sharpness(loss, theta, theta, step_guess=-1.0)
   with pytest.raises(ValueError, match="growth"):
     curvature.critical_sharpness(loss, theta, theta, growth=1.0)
+  with pytest.raises(ValueError, match="method"):
+    curvature.critical_sharpness(loss, theta, theta, method="golden")
 
 
 def test_bf16_params_compare_losses_in_float32():
@@ -285,3 +287,38 @@ def test_directional_sharpness_zero_slope_is_nan():
   loss = lambda p: 0.5 * jnp.sum(p ** 2)
   out = curvature.directional_sharpness(loss, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))
   assert np.isnan(float(out))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_interpolating_search_keeps_the_guarantee_with_fewer_evaluations(seed):
+  """Same bracket guarantee as the paper's bisection; about four trials on a quadratic."""
+  rng = np.random.default_rng(10 + seed)
+  a, _ = _spd(rng, 12, "float64")
+  theta = rng.normal(size=12)
+  g = a @ theta
+  eta_star = 2.0 * (g @ g) / (g @ a @ g)
+  guess = eta_star * np.exp(rng.normal(0, 1.0))   # a warm start off by a factor e^N(0,1)
+  with jax.enable_x64(True):
+    loss = lambda p: 0.5 * p @ jnp.asarray(a) @ p
+    out = {m: jax.tree.map(np.asarray, curvature.critical_sharpness(
+        loss, jnp.asarray(theta), jnp.asarray(g), loss0=loss(jnp.asarray(theta)),
+        step_guess=guess, method=m)) for m in ("bisect", "interpolate")}
+  for m, r in out.items():
+    assert int(r.status) == curvature.STATUS_OK, m
+    assert r.lower <= eta_star <= r.upper, m
+    assert 1 - r.lower / r.upper <= 2.0 ** -4, m
+  assert out["interpolate"].num_evals <= out["bisect"].num_evals
+  assert out["interpolate"].num_evals <= 4 + int(np.ceil(abs(np.log2(guess / eta_star))))
+
+
+def test_interpolating_search_on_a_non_quadratic_line():
+  # Loss along the line: a quartic whose crossing point is known in closed form.
+  # L(θ − η) − L(θ) = −η + η⁴ (θ = 0, d = 1, L(x) = x + x⁴) → η* = 1.
+  loss = lambda p: jnp.sum(-p + p ** 4)
+  for guess in (0.1, 0.9, 1.0, 3.0, 50.0):
+    for method in ("bisect", "interpolate"):
+      out = curvature.critical_sharpness(loss, jnp.zeros(1), -jnp.ones(1),
+                                         step_guess=guess, method=method, tol_power=6)
+      assert int(out.status) == curvature.STATUS_OK
+      assert float(out.lower) <= 1.0 + 1e-6 and float(out.upper) >= 1.0 - 1e-6
+      assert 1 - float(out.lower) / float(out.upper) <= 2.0 ** -6
