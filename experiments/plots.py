@@ -1,0 +1,251 @@
+"""Plots of a run directory, made from ``metrics.jsonl`` (never inside jit).
+
+``python -m experiments.plots RUN_DIR`` (or :func:`make_plots`) writes
+
+* ``plots/sharpness.png`` — λ_c, λ_dir, λ_max and λ^PH against the step (log scale) with the
+  stability thresholds drawn from the learning rate actually used at each step
+  (``train/lr``): 2/η(t) for every optimizer, and (2+2β)/η(t) (heavy ball) or
+  (2+2β₁)/((1−β₁)η(t)) (Adam, 38/η at β₁ = 0.9) for λ_max / λ^PH; below it the training and
+  evaluation loss and the learning-rate schedule.
+* ``plots/relative_sharpness.png`` (data-mixing runs) — the 2×2 relative critical sharpness
+  matrix over time: row = the monitored loss, column = the task whose update is followed; the
+  diagonal is each task's ordinary λ_c along its own update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SERIES = (  # key, label, colour, style
+    ("curv/critical_sharpness", r"$\lambda_c$ (critical)", "C0", "-"),
+    ("curv/directional_sharpness", r"$\lambda_{dir}$ (directional)", "C4", "-"),
+    ("curv/lambda_max", r"$\lambda_{max}(H)$ (Lanczos)", "C1", "o-"),
+    ("curv/preconditioned_sharpness", r"$\lambda^{PH}_{max}$ (preconditioned)", "C2", "s-"),
+)
+
+
+# Status codes of curvature.critical_sharpness (kept here so plotting needs no JAX).
+_STATUS_NO_RISE, _STATUS_NOT_DESCENT, _STATUS_NONFINITE = 2, 3, 4
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+  """The rows of ``run_dir/metrics.jsonl`` (a truncated last line is skipped)."""
+  rows = []
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return rows
+
+
+def read_config(run_dir: str) -> dict[str, Any]:
+  """``run_dir/config.json`` as a dict ({} if absent)."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def series(rows, key: str, positive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """``(steps, values)`` of the rows that have a finite ``key`` (and > 0 if ``positive``)."""
+  pts = [(r["step"], r[key]) for r in rows
+         if key in r and r[key] is not None and math.isfinite(r[key])
+         and (not positive or r[key] > 0)]
+  if not pts:
+    return np.zeros(0), np.zeros(0)
+  s, v = zip(*pts)
+  return np.asarray(s), np.asarray(v, dtype=float)
+
+
+def threshold_constant(config: dict) -> tuple[float, str]:
+  """``(c, label)`` of the optimizer's λ_max / λ^PH threshold c/η."""
+  opt = config.get("optimizer", {})
+  name = opt.get("name", "sgd")
+  if name == "momentum":
+    beta = opt.get("momentum", 0.9)
+    return 2 + 2 * beta, rf"$(2+2\beta)/\eta(t)$, $\beta$={beta:g}"
+  if name in ("adam", "adamw"):
+    b1 = opt.get("b1", 0.9)
+    c = (2 + 2 * b1) / (1 - b1)
+    return c, rf"$(2+2\beta_1)/((1-\beta_1)\eta(t))$ = {c:.3g}/$\eta(t)$"
+  return 2.0, r"$2/\eta(t)$"
+
+
+def _title(run_dir: str, config: dict) -> str:
+  opt = config.get("optimizer", {})
+  model = config.get("model", {})
+  bs = config.get("batch_size", 0)
+  return (f"{os.path.basename(os.path.normpath(run_dir))}: {opt.get('name', '?')} "
+          f"η={opt.get('learning_rate', float('nan')):g} "
+          f"({config.get('schedule', {}).get('name', '?')}), {model.get('name', '?')} on "
+          f"{config.get('data', {}).get('name', '?')}, "
+          f"{'full batch' if not bs else f'batch {bs}'}")
+
+
+def plot_sharpness(rows, config: dict, path: str, title: str = "") -> None:
+  """Sharpness against step with threshold lines, the loss and the learning rate."""
+  lr_steps, lr = series(rows, "train/lr", positive=True)
+  varying_lr = lr.size > 1 and lr.min() < lr.max()
+  if varying_lr:
+    fig, (ax, axl, axr) = plt.subplots(
+        3, 1, figsize=(9, 9.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.6, 0.9]})
+  else:  # a constant learning rate needs no panel of its own
+    fig, (ax, axl) = plt.subplots(
+        2, 1, figsize=(9, 8), sharex=True, gridspec_kw={"height_ratios": [3, 1.6]})
+  if lr.size:
+    ax.plot(lr_steps, 2.0 / lr, color="k", ls="--", lw=1.2, label=r"$2/\eta(t)$")
+    c, label = threshold_constant(config)
+    if c != 2.0:
+      ax.plot(lr_steps, c / lr, color="C3", ls="--", lw=1.2, label=label)
+  plotted = []
+  for key, label, colour, style in SERIES:
+    s, v = series(rows, key, positive=True)
+    if not s.size:
+      continue
+    marker = style[0] if style[0] in "os" and s.size <= 80 else None
+    ax.plot(s, v, color=colour, lw=1.0 if marker is None else 1.2, marker=marker,
+            ms=3 if marker else 0, label=label, alpha=0.9)
+    plotted.append(v)
+  ax.set_yscale("log")
+  if plotted:
+    values = np.concatenate(plotted)
+    # Percentiles, not extremes: λ^PH at step 0 (Adam's P from one gradient) can be 100×
+    # its later values and would squeeze the interesting part of the curve.
+    lo, hi = np.percentile(values, 0.5), np.percentile(values, 99.5)
+    if lr.size:
+      c, _ = threshold_constant(config)
+      hi = max(hi, (c / lr).min() * 1.5)
+    ax.set_ylim(max(lo / 2, 1e-6), hi * 2)
+  ax.set_ylabel("sharpness")
+  ax.grid(True, which="both", alpha=0.25)
+  ax.legend(loc="best", fontsize=8)
+  ax.set_title(title, fontsize=10)
+
+  for key, label, colour in (("train/loss", "train loss", "C0"), ("eval/loss", "eval loss", "C1")):
+    s, v = series(rows, key, positive=True)
+    if s.size:
+      axl.plot(s, v, color=colour, label=label, marker="o" if key == "eval/loss" else None,
+               ms=3, lw=1.0)
+  axl.set_yscale("log")
+  axl.set_ylabel("loss")
+  axl.grid(True, which="both", alpha=0.25)
+  axl.legend(loc="best", fontsize=8)
+
+  if varying_lr:
+    axr.plot(lr_steps, lr, color="k", lw=1.0)
+    axr.set_ylabel(r"$\eta(t)$")
+    axr.set_xlabel("step")
+    axr.grid(True, alpha=0.25)
+  else:
+    axl.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def relative_keys(rows) -> list[str]:
+  """Task names found in ``curv/relative/<loss>_along_<dir>`` keys, in first-seen order."""
+  names = []
+  for r in rows:
+    for k in r:
+      if k.startswith("curv/relative/"):
+        a, _, b = k[len("curv/relative/"):].partition("_along_")
+        for n in (a, b):
+          if n not in names:
+            names.append(n)
+  return names
+
+
+def plot_relative(rows, config: dict, path: str, title: str = "") -> None:
+  """The relative critical sharpness matrix over time as an N×N grid of panels."""
+  names = relative_keys(rows)
+  n = len(names)
+  fig, axes = plt.subplots(n, n, figsize=(4.2 * n, 3.3 * n), sharex=True, sharey=True,
+                           squeeze=False)
+  lr_steps, lr = series(rows, "train/lr", positive=True)
+  for i, li in enumerate(names):
+    for j, dj in enumerate(names):
+      ax = axes[i, j]
+      key = f"curv/relative/{li}_along_{dj}"
+      s, v = series(rows, key)
+      pos = v > 0
+      if lr.size:
+        ax.plot(lr_steps, 2.0 / lr, "k--", lw=1.0, label=r"$2/\eta(t)$")
+      ax.plot(s[pos], v[pos], "o-", color="C0" if i == j else "C2", ms=3, lw=1.0,
+              label=r"$\lambda_c$")
+      # λ_c is reported as 0 with a status when the search cannot bracket η_c; show those
+      # steps as markers on the frame instead of dropping them silently.
+      st_steps, st = series(rows, f"curv/relative_status/{li}_along_{dj}")
+      for code, y, marker, label in (
+          (_STATUS_NOT_DESCENT, 0.96, "x", "loss rises at every step size (conflict)"),
+          (_STATUS_NO_RISE, 0.04, "v", "loss never rises"),
+          (_STATUS_NONFINITE, 0.5, "*", "non-finite")):
+        hit = st_steps[st == code]
+        if hit.size:
+          ax.plot(hit, np.full(hit.size, y), marker, color="C3", ms=6, ls="none",
+                  transform=ax.get_xaxis_transform(), label=label)
+      ax.set_yscale("log")
+      kind = "own update" if i == j else f"{dj}'s update"
+      ax.set_title(f"{li} loss along {kind}", fontsize=9)
+      ax.grid(True, which="both", alpha=0.25)
+      if j == 0:
+        ax.set_ylabel(f"monitored: {li} loss")
+      if i == n - 1:
+        ax.set_xlabel(f"step (update of: {dj})")
+  for ax in axes.ravel():
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7, loc="lower right")
+  fig.suptitle(title + "\nrelative critical sharpness (row: monitored loss, column: update "
+               "followed)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def make_plots(run_dir: str) -> list[str]:
+  """Write every plot that the run's metrics support; returns the PNG paths."""
+  rows = read_metrics(run_dir)
+  config = read_config(run_dir)
+  out_dir = os.path.join(run_dir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  title = _title(run_dir, config)
+  paths = []
+  if rows:
+    paths.append(os.path.join(out_dir, "sharpness.png"))
+    plot_sharpness(rows, config, paths[-1], title)
+    if relative_keys(rows):
+      paths.append(os.path.join(out_dir, "relative_sharpness.png"))
+      plot_relative(rows, config, paths[-1], title)
+  return paths
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 2:
+    print("usage: python -m experiments.plots RUN_DIR", file=sys.stderr)
+    return 2
+  if not os.path.exists(os.path.join(argv[1], "metrics.jsonl")):
+    print(f"no metrics.jsonl in {argv[1]!r}", file=sys.stderr)
+    return 1
+  for p in make_plots(argv[1]):
+    print(p)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
