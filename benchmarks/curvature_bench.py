@@ -116,7 +116,7 @@ def run(name, loss_fn, params, batches, *, steps: int, repeats: int, lr: float):
     def step(p, s, b):
       count[key] += 1
       loss, g = jax.value_and_grad(loss_fn)(p, b)
-      u, s = tx.update(g, s, p, value=loss, value_fn=lambda q: loss_fn(q, b))
+      u, s = tx.update(g, s, p, value=loss, grad=g, value_fn=lambda q: loss_fn(q, b))
       return optax.apply_updates(p, u), s, loss
     return jax.jit(step)
 
@@ -182,13 +182,15 @@ def run(name, loss_fn, params, batches, *, steps: int, repeats: int, lr: float):
       g, (state[0], state[1]), p)
   warm = probe_state[2].warm
   growth = curvature._transforms._growth(warm, "adaptive", 4)
+  slope = -sum(jnp.vdot(d, x) for d, x in zip(jax.tree.leaves(direction), jax.tree.leaves(g)))
 
   @jax.jit
-  def warm_lambda_c(p, d, b, l0, guess, growth):
+  def warm_lambda_c(p, d, b, l0, guess, growth, slope):
     return curvature.critical_sharpness(lambda q: loss_fn(q, b), p, d, loss0=l0,
-                                        step_guess=guess, growth=growth, method="interpolate")
+                                        step_guess=guess, growth=growth, method="interpolate",
+                                        slope=slope)
 
-  args = (p, direction, b, loss0, warm.step_guess, growth)
+  args = (p, direction, b, loss0, warm.step_guess, growth, slope)
   t_lc = _time(warm_lambda_c, *args, repeats=repeats)
   n_lc = int(warm_lambda_c(*args).num_evals)
   t_lanczos = _time(lanczos, p, b, repeats=max(3, repeats // 3))

@@ -44,25 +44,35 @@ _START, _GROW, _SHRINK, _BISECT, _DONE = 0, 1, 2, 3, 4
 _MAX_MODEL_TRIALS = 4
 
 
-def _model_trial(e1, f1, e2, f2, lo, hi, eps):
-  """Next trial from the parabola through (0, 0), (e1, f1), (e2, f2), f = L − L0.
-
-  The parabola f(η) = aη + bη² is exact on a quadratic loss. Its root η̂ = −a/b estimates η_c;
-  the trial goes to η̂(1 − ε) while the lower end is not yet within ε of η̂, else to
-  η̂(1 + ε), so that two trials close a bracket that meets the stopping rule. Returns the
-  trial and whether the model is usable (convex, descending, root strictly inside the
-  bracket); the trial is kept 5 % of the bracket away from its ends.
-  """
+def _two_point_parabola(e1, f1, e2, f2):
+  """Coefficients (a, b) of f(η) = aη + bη² through (0, 0), (e1, f1), (e2, f2)."""
   b = (f2 / e2 - f1 / e1) / (e2 - e1)
-  a = f2 / e2 - b * e2
+  return f2 / e2 - b * e2, b
+
+
+def _slope_parabola(slope, e1, f1):
+  """Coefficients (a, b) of f(η) = aη + bη² with f'(0) = slope through (e1, f1)."""
+  return slope, (f1 - slope * e1) / (e1 * e1)
+
+
+def _model_trial(a, b, lo, hi, eps, tol):
+  """Next trial from the parabola f(η) = aη + bη², f = L(θ − ηΔθ) − L0.
+
+  The parabola is exact on a quadratic loss. Its root η̂ = −a/b estimates η_c; the trial goes
+  to η̂(1 − ε) unless a trial at η̂(1 + ε) would already meet the stopping rule, so that two
+  trials close a bracket that meets the stopping rule. Returns the trial and whether the
+  model is usable (convex, descending, root strictly inside the bracket); the trial is kept
+  5 % of the bracket away from its ends.
+  """
   root = -a / b
-  ok = (e1 > 0) & (e2 != e1) & (b > 0) & (a < 0) & jnp.isfinite(root)
-  ok = ok & (root > lo) & (root < hi)
-  trial = jnp.where(lo < root * (1 - eps), root * (1 - eps), root * (1 + eps))
+  ok = (b > 0) & (a < 0) & jnp.isfinite(root) & (root > lo) & (root < hi)
+  # A trial above the root closes the bracket already when the lower end is close enough.
+  need_low = 1 - lo / (root * (1 + eps)) > 0.999 * tol
+  trial = jnp.where(need_low, root * (1 - eps), root * (1 + eps))
   width = jnp.where(jnp.isfinite(hi), hi - lo, 0.0)
   trial = jnp.clip(trial, lo + 0.05 * width, jnp.where(jnp.isfinite(hi), hi - 0.05 * width,
                                                        trial))
-  return jnp.where(ok, trial, root), ok
+  return jnp.where(ok, trial, 1.0), ok
 
 
 class CriticalSharpness(NamedTuple):
@@ -109,6 +119,7 @@ def critical_sharpness(
     max_evals: int = 40,
     growth: jax.Array | float = 2.0,
     method: str = "bisect",
+    slope: jax.Array | float | None = None,
 ) -> CriticalSharpness:
   r"""Critical sharpness along an update direction, from forward passes only.
 
@@ -160,6 +171,11 @@ def critical_sharpness(
       inside the current bracket, otherwise the paper's rule applies. The result satisfies the
       same guarantee (``lower`` not above, ``upper`` above :math:`L_0`, ratio within
       :math:`2^{-k}`).
+    slope: with ``method="interpolate"``, the directional derivative
+      :math:`\tfrac{d}{d\eta}L(\theta-\eta\Delta\theta)|_0 = -\Delta\theta^\top\nabla L(\theta)`
+      when it is known for free (the train step has the gradient): the parabola is then
+      fixed after the first trial, one trial earlier. It only places trials; a wrong slope
+      costs evaluations, never accuracy.
 
   Returns:
     A :class:`CriticalSharpness`.
@@ -200,6 +216,7 @@ def critical_sharpness(
   # side, so that two trials around the root meet the stopping rule: 1 - (1-e)/(1+e) < 2^-k.
   eps = jnp.asarray(0.45 * tol, dtype)
   interpolate = method == "interpolate"
+  s0 = None if slope is None else jnp.asarray(slope, dtype)
 
   # state: (phase, eta, lower, upper, num_evals, nonfinite,
   #         previous trial step, its L - L0, model trials made)
@@ -243,8 +260,15 @@ def critical_sharpness(
         0.5 * (new_lo + new_hi))
     f = loss - l0
     if interpolate:
-      model_eta, ok = _model_trial(e_prev, f_prev, eta, f, new_lo, new_hi, eps)
-      use = ok & (phase != _START) & (new_phase != _DONE) & (n_model < _MAX_MODEL_TRIALS)
+      a2, b2 = _two_point_parabola(e_prev, f_prev, eta, f)
+      if slope is None:
+        a, b, have_model = a2, b2, phase != _START
+      else:
+        a1, b1 = _slope_parabola(s0, eta, f)
+        first = phase == _START
+        a, b, have_model = jnp.where(first, a1, a2), jnp.where(first, b1, b2), True
+      model_eta, ok = _model_trial(a, b, new_lo, new_hi, eps, tol)
+      use = ok & have_model & (new_phase != _DONE) & (n_model < _MAX_MODEL_TRIALS)
       new_eta = jnp.where(use, model_eta, new_eta)
       n_model = n_model + use.astype(jnp.int32)
     return (new_phase, new_eta, new_lo, new_hi, n + 1, bad, eta, f, n_model)

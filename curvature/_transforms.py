@@ -112,6 +112,14 @@ def _require_value_fn(value_fn, name: str) -> None:
         "value_fn=lambda p: loss_fn(p, batch)).")
 
 
+def _slope(direction: PyTree, grad: PyTree | None) -> jax.Array | None:
+  """dL(θ − ηΔθ)/dη at 0 = −Δθᵀg, free when the caller passes optax's ``grad`` extra arg."""
+  if grad is None:
+    return None
+  _tree.check_same_structure(direction, grad, "updates", "grad")
+  return -_tree.tree_vdot(direction, grad)
+
+
 def _direction(updates: PyTree, scaled: bool) -> PyTree:
   # Before the learning-rate scaling an optax update points up the gradient (the step is
   # params - eta * u); after it, the update is already the signed step (params + u).
@@ -165,11 +173,12 @@ def critical_sharpness_probe(
 
   Drop it into an existing chain, before the learning-rate scaling, and pass optax's
   ``value_fn`` (and ``value``, the loss the train step already computed, which saves one
-  forward pass)::
+  forward pass, and ``grad``, the gradient, which fixes the search's model one trial
+  earlier — the same extra args as ``optax.scale_by_backtracking_linesearch``)::
 
     tx = optax.chain(optax.scale_by_adam(), curvature.critical_sharpness_probe(
         learning_rate=schedule), optax.scale_by_learning_rate(schedule))
-    updates, state = tx.update(grads, state, params, value=loss,
+    updates, state = tx.update(grads, state, params, value=loss, grad=grads,
                                value_fn=lambda p: loss_fn(p, batch))
 
   At that place the update is the paper's unit-LR Δθ (for Adam-type optimisers
@@ -200,7 +209,9 @@ def critical_sharpness_probe(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the
-    keyword ``value_fn``; ``value`` is optional; other extra args are ignored.
+    keyword ``value_fn``; ``value`` and ``grad`` are optional (``grad`` must be the gradient
+    of ``value_fn`` at ``params``; it only places trials, so a wrong one costs evaluations,
+    not accuracy); other extra args are ignored.
   """
   _check_probe_args(every, step_guess, tol_power, max_evals, growth, method)
   nan = jnp.asarray(jnp.nan, jnp.float32)
@@ -214,7 +225,8 @@ def critical_sharpness_probe(
     return CriticalSharpnessProbeState(count=jnp.int32(0), warm=_init_warm(step_guess),
                                        info=info)
 
-  def update_fn(updates, state, params=None, *, value_fn=None, value=None, **extra_args):
+  def update_fn(updates, state, params=None, *, value_fn=None, value=None, grad=None,
+                **extra_args):
     del extra_args
     _require_value_fn(value_fn, "critical_sharpness_probe")
     if params is None:
@@ -226,7 +238,8 @@ def critical_sharpness_probe(
       res = _critical.critical_sharpness(
           value_fn, params, direction, loss0=value, step_guess=state.warm.step_guess,
           tol_power=tol_power, max_evals=max_evals,
-          growth=_growth(state.warm, growth, tol_power), method=method)
+          growth=_growth(state.warm, growth, tol_power), method=method,
+          slope=_slope(direction, grad))
       sharp = res.sharpness.astype(jnp.float32)
       if directional:
         ds = _hvp.directional_sharpness(value_fn, params, direction).astype(jnp.float32)

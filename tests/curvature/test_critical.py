@@ -322,3 +322,27 @@ def test_interpolating_search_on_a_non_quadratic_line():
       assert int(out.status) == curvature.STATUS_OK
       assert float(out.lower) <= 1.0 + 1e-6 and float(out.upper) >= 1.0 - 1e-6
       assert 1 - float(out.lower) / float(out.upper) <= 2.0 ** -6
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_known_slope_saves_a_trial_and_keeps_the_guarantee(seed):
+  rng = np.random.default_rng(20 + seed)
+  a, _ = _spd(rng, 10, "float64")
+  theta = rng.normal(size=10)
+  g = a @ theta
+  eta_star = 2.0 * (g @ g) / (g @ a @ g)
+  guess = eta_star * np.exp(rng.normal(0, 0.5))
+  with jax.enable_x64(True):
+    loss = lambda p: 0.5 * p @ jnp.asarray(a) @ p
+    t = jnp.asarray(theta)
+    kw = dict(loss0=loss(t), step_guess=guess, method="interpolate")
+    without = jax.tree.map(np.asarray, curvature.critical_sharpness(loss, t, jnp.asarray(g), **kw))
+    # slope = dL(θ − ηg)/dη at 0 = −gᵀg (NumPy), and a deliberately wrong slope.
+    right = jax.tree.map(np.asarray, curvature.critical_sharpness(
+        loss, t, jnp.asarray(g), slope=-(g @ g), **kw))
+    wrong = jax.tree.map(np.asarray, curvature.critical_sharpness(
+        loss, t, jnp.asarray(g), slope=-5.0 * (g @ g), **kw))
+  for r in (without, right, wrong):
+    assert int(r.status) == curvature.STATUS_OK
+    assert r.lower <= eta_star <= r.upper and 1 - r.lower / r.upper <= 2.0 ** -4
+  assert right.num_evals <= 3 and right.num_evals <= without.num_evals

@@ -103,7 +103,7 @@ def test_adaptive_warm_start_saves_evaluations_at_equal_tolerance(method):
     assert counts["adaptive"] < counts[2.0]
   else:
     # On a quadratic the parabola is exact: about three trials whatever the growth.
-    assert counts["adaptive"] <= counts[2.0] <= 4.0
+    assert max(counts.values()) <= 3.5
 
 
 def test_every_k_skips_without_recompiling():
@@ -220,3 +220,24 @@ def test_controller_tames_a_divergent_learning_rate():
     if scale < 1.0:
       np.testing.assert_allclose(lr * scale * lam, 1.0, rtol=1 / 30)
   assert "curv/lr_scale" in curvature.probe_metrics(state)
+
+
+def test_probe_uses_the_gradient_when_given():
+  a, _, params, loss_fn = _quadratic(seed=6)
+  an = np.asarray(a)
+  tx = optax.chain(curvature.critical_sharpness_probe(), optax.scale_by_learning_rate(0.02))
+  evals = {}
+  for pass_grad in (False, True):
+    state, p, counts = tx.init(params), params, []
+    for _ in range(20):
+      loss, g = jax.value_and_grad(loss_fn)(p, 0.0)
+      extra = {"grad": g} if pass_grad else {}
+      u, state = tx.update(g, state, p, value=loss, value_fn=lambda q: loss_fn(q, 0.0), **extra)
+      w = an @ np.asarray(p["w"])
+      np.testing.assert_allclose(state[0].info.sharpness, (w @ an @ w) / (w @ w), rtol=1 / 30)
+      counts.append(int(state[0].info.num_evals))
+      p = optax.apply_updates(p, u)
+    evals[pass_grad] = np.mean(counts[1:])
+  assert evals[True] < evals[False]
+  with pytest.raises(ValueError, match="grad"):
+    tx.update(g, state, p, value_fn=lambda q: loss_fn(q, 0.0), grad={"v": g["w"]})
