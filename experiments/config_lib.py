@@ -24,6 +24,7 @@ ACTIVATIONS = ("tanh", "gelu", "relu")
 DATASETS = ("digits", "code", "prose", "text", "mix")
 LOSSES = ("mse", "cross_entropy")
 VOCABS = ("ascii", "corpus")
+CANDIDATE_MODES = ("min", "max")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -85,6 +86,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.probe.lanczos_iters = 20  # Lanczos iterations (≥ 20 for the top eigenvalue)
   c.probe.preconditioned_every = 0  # adam/adamw: λ_max(P^-1/2 H P^-1/2) every N steps (0 = off)
   c.probe.relative_every = 0  # mix: the 2×2 relative-sharpness matrix every N steps (0 = off)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.enabled = True  # save checkpoints to workdir/checkpoints (Orbax, per-leaf SHA-256)
+  c.checkpoint.every = 100  # save every N steps, and always at the end of the run
+  c.checkpoint.keep_preliminary = 3  # retention: latest N regular (preliminary) saves; -1 = all
+  c.checkpoint.keep_observation = 3  # retention: latest N observation-tier saves; -1 = all
+  c.checkpoint.keep_candidate = 3  # retention: best N candidates by candidate_metric; -1 = all
+  c.checkpoint.candidate_metric = "eval/loss"  # ranks candidates: 'eval/loss' or 'train/loss'
+  c.checkpoint.candidate_mode = "min"  # 'min' or 'max': which value of candidate_metric is best
+  c.checkpoint.async_save = True  # write in a background thread while training continues
+  c.checkpoint.resume = True  # continue from the latest valid checkpoint in workdir; False: move
+  #   the old run aside to <workdir>.prev-<n> and start fresh
+  c.checkpoint.allow_config_change = False  # resume even if fields that change the maths differ
+  #   from the saved config (default: refuse, listing them)
 
   c.log_every = 1  # write metrics every N steps
   c.eval_every = 100  # evaluate every N steps (and at the end); 0 = only at the end
@@ -162,6 +177,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _enum(f, "data.name", DATASETS)
   _enum(f, "data.vocab", VOCABS)
   _enum(f, "loss", LOSSES)
+  _enum(f, "checkpoint.candidate_mode", CANDIDATE_MODES)
 
   def need(cond: bool, key: str, what: str):
     if not cond:
@@ -202,6 +218,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
               "eval_every", "eval_examples"):
     need(f[key] >= 0, key, "must be >= 0 (0 = off / all)")
   need(f["log_every"] >= 1, "log_every", "must be >= 1")
+  need(f["checkpoint.every"] >= 1, "checkpoint.every", "must be >= 1 (steps between saves)")
+  for key in ("checkpoint.keep_preliminary", "checkpoint.keep_observation",
+              "checkpoint.keep_candidate"):
+    need(f[key] >= -1, key, "must be >= 0, or -1 to keep all")
+  need(bool(f["checkpoint.candidate_metric"].strip()), "checkpoint.candidate_metric",
+       "must name a metric, e.g. 'eval/loss'")
   need(f["probe.preconditioned_every"] == 0 or f["optimizer.name"] in ("adam", "adamw"),
        "probe.preconditioned_every", "preconditioned sharpness needs optimizer 'adam' or 'adamw'")
   need(f["probe.relative_every"] == 0 or f["data.name"] == "mix", "probe.relative_every",

@@ -51,12 +51,15 @@ def main(argv):
     config = config_lib.validate_config(_CONFIG.value)
   except ValueError as e:
     sys.exit(f"config error: {e}")
+  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
   from experiments import trainer  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   try:
     summary = trainer.train_and_evaluate(config, _WORKDIR.value)
   except trainer.TrainingDiverged as e:
     sys.exit(f"diverged: {e}")
+  except checkpointing.ResumeRefused as e:
+    sys.exit(f"resume refused: {e}")
   logging.info("summary: %s", summary)
 
 

@@ -7,6 +7,8 @@ directory of DESIGN.md::
 
   workdir/config.json      the resolved config
   workdir/metrics.jsonl    one JSON object per logged step
+  workdir/checkpoints/     Orbax checkpoints and the tier ledger tiers.json (config.checkpoint)
+  workdir/resume_log.jsonl one line per resume (restored step, skipped checkpoints, changes)
   workdir/tensorboard/     TensorBoard events (tensorboardX)
   workdir/plots/*.png      sharpness and loss plots (experiments.plots)
 
@@ -14,7 +16,9 @@ Row ``{"step": t, ...}`` describes the parameters θ_t *before* update t: the tr
 batch t, λ_c along update t, λ_max / λ^PH at θ_t on batch t, the learning rate η_t of update t
 and the evaluation loss of θ_t. A last row ``step = num_steps`` holds the final evaluation.
 
-Same seed, same config → bit-identical metrics.jsonl (nothing wall-clock is written there).
+Same seed, same config → bit-identical metrics.jsonl (nothing wall-clock is written there),
+also across interruptions: a run whose workdir holds checkpoints resumes from the newest valid
+one and rewrites the rows from that step on, identically (``experiments.checkpointing``).
 All probe settings are static, so nothing recompiles after the first step.
 """
 
@@ -36,6 +40,7 @@ import optax
 from flax import nnx
 
 import curvature
+from experiments import checkpointing
 from experiments import config_lib
 from experiments import data as data_lib
 from experiments import models
@@ -138,13 +143,14 @@ def accumulate(loss_fn, num_chunks: int):
 def make_train_step(loss_fn, value_and_grad, tx, schedule, *, directional: bool = False):
   """``train_step(state, batch) -> (state, metrics)``: one optimizer step with the probes.
 
-  The probe inside ``tx`` gets ``value`` (the loss just computed, reused as L(θ)) and
-  ``value_fn`` (the loss at this batch as a function of params only).
+  The probe inside ``tx`` gets ``value`` (the loss just computed, reused as L(θ)), ``grad``
+  (which places the search's first model trial) and ``value_fn`` (the loss at this batch as a
+  function of params only).
   """
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
     loss, grads = value_and_grad(state.params, batch)
     updates, opt_state = tx.update(
-        grads, state.opt_state, state.params, value=loss,
+        grads, state.opt_state, state.params, value=loss, grad=grads,
         value_fn=lambda p: loss_fn(p, batch))
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -240,13 +246,15 @@ def _to_python(value):
 class MetricWriter:
   """Appends metric rows to ``metrics.jsonl`` (flushed every row) and to TensorBoard."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, *, resume_step: int | None = None):
+    """``resume_step``: append to ``metrics.jsonl`` (already truncated to the rows before it)
+    and hide older TensorBoard events from that step on (``purge_step``)."""
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file = open(self.path, "w", encoding="utf-8")
+    self._file = open(self.path, "w" if resume_step is None else "a", encoding="utf-8")
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     row = {"step": int(step)}
@@ -317,6 +325,21 @@ def _batches(config, dataset):
   return None, dataset.iterator(config.batch_size, config.seed, multiple_of=a), ev
 
 
+def _iterator_position(iterator) -> Any:
+  """The iterator's position as JSON data (``None`` in full-batch mode)."""
+  if iterator is None:
+    return None
+  pos = iterator.get_state()
+  if isinstance(pos, dict):
+    return {k: dict(v._asdict()) for k, v in pos.items()}
+  return dict(pos._asdict())
+
+
+def _payload(state: TrainState, probe_key, rel_guess) -> dict[str, Any]:
+  """The array part of a checkpoint (see experiments.checkpointing)."""
+  return {"train": state, "rng": {"probe": probe_key}, "host": {"rel_guess": rel_guess}}
+
+
 def _postfix(row: dict) -> dict:
   out = {"loss": f"{row.get('train/loss', float('nan')):.4g}"}
   if "curv/critical_sharpness" in row:
@@ -337,19 +360,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Args:
     config: an experiment config (see ``experiments/config_lib.py`` for every field);
       validated first, with errors naming the offending field.
-    workdir: the run directory; created if needed; an existing ``metrics.jsonl`` is replaced.
+    workdir: the run directory; created if needed. If it holds checkpoints the run resumes
+      from the newest valid one (``config.checkpoint.resume``); otherwise an existing
+      ``metrics.jsonl`` is replaced.
 
   Returns:
-    A summary dict: steps run, last training loss, last evaluation metrics, wall time,
-    steps per second, ``jit_compilations``: the most times any jitted function of the run
-    (train step, eval, Lanczos, ...) was compiled — 1 when nothing recompiled.
+    A summary dict: steps done (in all, resumed runs included), ``resumed_from_step`` (None
+    for a fresh run), last training loss, last evaluation metrics, wall time and steps per
+    second of this process, ``jit_compilations``: the most times any jitted function of the
+    run (train step, eval, Lanczos, ...) was compiled — 1 when nothing recompiled.
 
   Raises:
     TrainingDiverged: the training loss became non-finite; everything up to that step is
       already written (metrics, TensorBoard, plots).
+    experiments.checkpointing.ResumeRefused: the workdir holds checkpoints of a run with a
+      different config (the message lists the fields and the overrides).
   """
   config = config_lib.validate_config(config)
+  ck = config.checkpoint
   os.makedirs(workdir, exist_ok=True)
+  resuming = checkpointing.has_checkpoints(workdir)
+  if resuming and not ck.resume:
+    checkpointing.move_aside(workdir)
+    os.makedirs(workdir)
+    resuming = False
+  saved_config_path = os.path.join(workdir, "config.json")
+  if resuming and not ck.allow_config_change and os.path.exists(saved_config_path):
+    # Cheap early refusal, before data and compilation; the checkpoint's own copy of the
+    # config is checked again after the restore.
+    with open(saved_config_path, encoding="utf-8") as f:
+      checkpointing.check_config(json.load(f), config, where="config.json", workdir=workdir,
+                                 quiet=True)
   write_config(config, workdir)
 
   dataset = data_lib.load_dataset(config.data, config.seed)
@@ -387,20 +428,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rel_guess = jnp.full((len(TASKS), len(TASKS)), p.step_guess, jnp.float32)
   probe_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-  writer = MetricWriter(workdir)
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=config.num_steps, disable=not config.progress_bar, dynamic_ncols=True,
-             mininterval=0.5, desc=os.path.basename(os.path.normpath(workdir)))
-  start = time.perf_counter()
+  # ---- checkpoints: resume, then save every ck.every steps and at the end
+  data_info = ({t: d.info for t, d in dataset.items()} if isinstance(dataset, dict)
+               else primary.info)
+  static_meta = {"config": checkpointing.config_json(config), "data": data_info,
+                 "versions": checkpointing.versions()}
+  mgr = checkpointing.make_manager(config, workdir) if (ck.enabled or resuming) else None
+  start_step = 0
   last_row: dict[str, Any] = {}
+  last_eval_loss: dict[str, float] = {}  # ledger metric of the next checkpoint
+  if resuming:
+    try:
+      target = checkpointing.abstract(_payload(state, probe_key, rel_guess))
+      restored = checkpointing.restore(mgr, target, max_step=config.num_steps, workdir=workdir)
+      meta = restored.metadata
+      changed = checkpointing.check_config(meta["config"], config, workdir=workdir,
+                                           where=f"checkpoint at step {restored.step}")
+      checkpointing.check_data(meta["data"], data_info, workdir=workdir,
+                               allow=ck.allow_config_change)
+      start_step = restored.step
+      state = _canonical(restored.state["train"])
+      if int(state.step) != start_step:
+        raise checkpointing.ResumeRefused(
+            f"checkpoint {start_step} holds TrainState.step={int(state.step)}; it was not "
+            "written by this runner.")
+      probe_key = restored.state["rng"]["probe"]
+      rel_guess = _canonical(restored.state["host"]["rel_guess"])
+      if iterator is not None:
+        iterator.set_state(meta["data_position"])
+      kept = checkpointing.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
+    except BaseException:
+      mgr.close()
+      raise
+    rows = [json.loads(line) for line in kept]
+    last_row = next((r for r in reversed(rows) if "train/loss" in r), {})
+    last_eval_loss = next(({"eval/loss": r["eval/loss"]} for r in reversed(rows)
+                           if "eval/loss" in r), {})
+    checkpointing.log_resume(workdir, {
+        "restored_step": start_step, "kept_metric_rows": len(kept),
+        "skipped_corrupt": [s for s, _ in restored.skipped], "config_changes": changed})
+    logging.info("resumed %s from the checkpoint at step %d (%d metric rows kept)", workdir,
+                 start_step, len(kept))
+
+  def save(done: int, *, final: bool = False) -> None:
+    """Checkpoints the state after ``done`` updates (the loop state of step ``done``)."""
+    forced = final and done % ck.every != 0
+    metrics = {k: float(last_row[k]) for k in ("train/loss",) if k in last_row}
+    metrics.update({k: float(v) for k, v in last_eval_loss.items()})
+    mgr.save(done, _payload(state, probe_key, rel_guess),
+             metadata={**static_meta, "data_position": _iterator_position(iterator)},
+             metrics=metrics, force=forced, reason="end of run" if forced else None)
+
+  writer = MetricWriter(workdir, resume_step=start_step if resuming else None)
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=config.num_steps, initial=start_step, disable=not config.progress_bar,
+             dynamic_ncols=True, mininterval=0.5,
+             desc=os.path.basename(os.path.normpath(workdir)))
+  start = time.perf_counter()
   last_eval: dict[str, Any] = {}
   diverged = None
+  saving = ck.enabled
 
   def due(every: int, step: int) -> bool:
     return every > 0 and (step % every == 0 or step == config.num_steps - 1)
 
   try:
-    for step in range(config.num_steps):
+    for step in range(start_step, config.num_steps):
       batch = full if full is not None else next(iterator)
       extra = {}
       if lanczos is not None and due(p.lanczos_every, step):
@@ -415,6 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             extra[f"curv/relative_status/{li}_along_{dj}"] = rel.status[i, j]
       if config.eval_every and step % config.eval_every == 0:
         extra.update(eval_step(state.params, eval_batch))
+        last_eval_loss = {"eval/loss": extra["eval/loss"]}
       new_state, metrics = train_step(state, batch)
       if precond is not None and due(p.preconditioned_every, step):
         # P from the state after the step: v̂_t holds g_t, as in the unit-LR update Δθ_t.
@@ -433,13 +527,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       bar.update(1)
       if step % 10 == 0 or step == config.num_steps - 1:
         bar.set_postfix(_postfix(last_row), refresh=False)
+      if saving and step + 1 < config.num_steps and (step + 1) % ck.every == 0:
+        save(step + 1)
     if diverged is None:
       last_eval = {k: _to_python(v)
                    for k, v in jax.device_get(eval_step(state.params, eval_batch)).items()}
       writer.write(config.num_steps, last_eval)
+      if saving and mgr.latest_step() != config.num_steps:
+        last_eval_loss = {"eval/loss": last_eval["eval/loss"]}
+        save(config.num_steps, final=True)
+  except BaseException:
+    if mgr is not None:  # wait for a save in flight, but do not mask the error
+      try:
+        mgr.close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error("closing the checkpoint manager after an error: %s", e)
+      mgr = None
+    raise
   finally:
     bar.close()
     writer.close()
+  if mgr is not None:
+    mgr.close()  # waits for the last asynchronous save; raises if it failed
 
   wall = time.perf_counter() - start
   steps_done = config.num_steps if diverged is None else diverged + 1
@@ -465,12 +574,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   summary = {
       "steps": steps_done,
+      "resumed_from_step": start_step if resuming else None,
       "train/loss": last_row.get("train/loss"),
       **last_eval,
       "wall_seconds": wall,
-      "steps_per_second": steps_done / wall if wall > 0 else float("inf"),
+      "steps_per_second": (steps_done - start_step) / wall if wall > 0 else float("inf"),
       "jit_compilations": compilations,
   }
-  logging.info("finished %d steps in %.1f s (%.1f steps/s); final %s", steps_done, wall,
-               summary["steps_per_second"], last_eval)
+  logging.info("finished %d steps (%d in this process) in %.1f s (%.1f steps/s); final %s",
+               steps_done, steps_done - start_step, wall, summary["steps_per_second"], last_eval)
   return summary

@@ -1,0 +1,289 @@
+"""The runner's checkpoint glue: what a checkpoint holds, and how a run resumes from one.
+
+``experiments.trainer.train_and_evaluate`` saves through
+:class:`convergence.TieredCheckpointManager` into ``workdir/checkpoints/`` (Orbax step
+directories plus the tier ledger ``tiers.json``). One checkpoint at step ``s`` is the state
+*before* update ``s`` (after ``s`` updates) and holds everything that decides the rows
+``s, s+1, ...`` of ``metrics.jsonl``:
+
+* ``state`` (arrays, per-leaf SHA-256 verified at restore): ``train`` — the ``TrainState``
+  (step, params, optax state with the probe states); ``rng`` — the probe PRNG key (new-style);
+  ``host`` — host-side loop state that later metrics read: ``rel_guess``, the warm start of the
+  relative-sharpness searches.
+* ``metadata`` (JSON, sealed by a digest): the resolved config, the data-iterator position
+  (``IteratorState`` per task; ``None`` in full-batch mode), the dataset fingerprint
+  (``Dataset.info``: sizes and, for text, the corpus SHA-256), library versions (informational).
+
+Resume (``config.checkpoint.resume``, default True): if ``workdir/checkpoints`` holds a committed
+checkpoint, the run restores the newest one that verifies (skipping corrupt ones and then
+deleting them by ``rollback``), keeps the ``metrics.jsonl`` rows with ``step <`` the restored
+step (verbatim; a torn last line is dropped) and continues, so the finished file is
+byte-identical to an uninterrupted run's. TensorBoard gets a new event file whose ``purge_step``
+hides the older events from the restored step on.
+
+A resume is refused (:class:`ResumeRefused`, listing the fields) when the saved config differs
+from the current one in a field that changes the training maths or the metric values; only the
+fields in :data:`RESUME_SAFE_FIELDS` may change. Overrides: ``checkpoint.allow_config_change=True``
+resumes anyway (with a warning; the state must still have the same structure), and
+``checkpoint.resume=False`` moves the old run directory aside to ``<workdir>.prev-<n>`` and starts
+fresh (nothing is deleted).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging as py_logging
+import os
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import ml_collections
+
+CHECKPOINT_DIR = "checkpoints"
+RESUME_LOG = "resume_log.jsonl"
+
+# Fields that may differ between the saved and the current config without changing the training
+# trajectory or the value of any logged metric: they change only which steps are measured /
+# logged, presentation, or checkpointing itself. (relative_every is NOT here: the relative
+# searches warm-start from the previous measurement, so their values depend on the cadence.)
+RESUME_SAFE_FIELDS = (
+    "progress_bar",
+    "plots",
+    "log_every",
+    "eval_every",
+    "probe.lanczos_every",
+    "probe.preconditioned_every",
+    "checkpoint.*",
+)
+
+
+class ResumeRefused(RuntimeError):
+  """The workdir holds a run that this config cannot continue; the message says why and how."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether ``workdir/checkpoints`` holds a committed step directory (tmp dirs do not count)."""
+  d = checkpoint_dir(workdir)
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def _is_safe(key: str) -> bool:
+  for pattern in RESUME_SAFE_FIELDS:
+    if pattern.endswith(".*") and key.startswith(pattern[:-1]):
+      return True
+    if key == pattern:
+      return True
+  return False
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as JSON data (tuples become lists), as saved in config.json and checkpoints."""
+  return json.loads(json.dumps(config.to_dict(), sort_keys=True))
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
+                       ) -> tuple[list[str], list[str]]:
+  """``(blocking, safe)``: ``"key: saved → current"`` lines of the fields that differ.
+
+  ``blocking`` lists the fields outside :data:`RESUME_SAFE_FIELDS` (a field present in only one
+  of the two configs counts as differing, shown as ``<absent>``).
+  """
+  a, b = _flat(saved), _flat(current)
+  blocking, safe = [], []
+  for key in sorted(set(a) | set(b)):
+    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    if va != vb:
+      (safe if _is_safe(key) else blocking).append(f"{key}: {va!r} → {vb!r}")
+  return blocking, safe
+
+
+def check_config(saved: Mapping[str, Any], config: ml_collections.ConfigDict, *,
+                 where: str, workdir: str, quiet: bool = False) -> list[str]:
+  """Refuses (or, with ``allow_config_change``, warns) if ``saved`` differs in maths fields.
+
+  Returns every changed field as ``"key: saved → current"`` (for the resume log); ``quiet``
+  skips the log messages (an early check that is repeated later).
+  """
+  blocking, safe = config_differences(saved, config_json(config))
+  if blocking:
+    listing = "\n  ".join(blocking)
+    if not config.checkpoint.allow_config_change:
+      raise ResumeRefused(
+          f"workdir {workdir!r} holds checkpoints of a run whose config ({where}) differs in "
+          f"fields that change the training maths or the metrics:\n  {listing}\n"
+          "Resuming would mix two different runs in one metrics.jsonl. Choose one: use a new "
+          "--workdir; pass --config.checkpoint.resume=False to move the old run aside to "
+          f"{workdir.rstrip(os.sep)}.prev-<n> and start fresh; or pass "
+          "--config.checkpoint.allow_config_change=True to continue the old state under the "
+          "new config.")
+    if not quiet:
+      logging.warning("resuming %s under a changed config (checkpoint.allow_config_change=True):"
+                      "\n  %s", workdir, listing)
+  if safe and not quiet:
+    logging.info("resuming with changed logging/checkpoint fields: %s", "; ".join(safe))
+  return blocking + safe
+
+
+def check_data(saved: Any, current: Any, *, workdir: str, allow: bool) -> None:
+  """Refuses if the dataset fingerprint changed (e.g. data.path's file was edited)."""
+  saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
+  if saved == current:
+    return
+  message = (f"the data of the run in {workdir!r} changed since it was checkpointed "
+             f"(saved {saved}, now {current}); the same config no longer means the same data.")
+  if not allow:
+    raise ResumeRefused(message + " Use a new --workdir, --config.checkpoint.resume=False, or "
+                        "--config.checkpoint.allow_config_change=True.")
+  logging.warning("%s Continuing (checkpoint.allow_config_change=True).", message)
+
+
+def move_aside(workdir: str) -> str:
+  """Renames ``workdir`` to the first free ``<workdir>.prev-<n>``; returns the new path."""
+  base = os.path.normpath(workdir)
+  n = 1
+  while os.path.exists(f"{base}.prev-{n}"):
+    n += 1
+  dest = f"{base}.prev-{n}"
+  try:
+    os.rename(base, dest)
+  except OSError as e:
+    raise ResumeRefused(
+        f"checkpoint.resume=False: could not move the old run {base!r} aside to {dest!r} ({e}); "
+        "move or delete it yourself, or use a new --workdir.") from e
+  logging.warning("checkpoint.resume=False: moved the previous run in %s to %s", base, dest)
+  return dest
+
+
+class _QuietOrbax(py_logging.Filter):
+  """Drops Orbax's INFO chatter (several lines per save) from absl's log; keeps warnings."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+_QUIET_ORBAX = _QuietOrbax()
+
+
+def make_manager(config: ml_collections.ConfigDict, workdir: str):
+  """The ``convergence.TieredCheckpointManager`` of ``workdir``, as ``config.checkpoint`` says."""
+  import convergence  # pylint: disable=g-import-not-at-top  (Orbax import only when needed)
+  absl_logger = py_logging.getLogger("absl")
+  if _QUIET_ORBAX not in absl_logger.filters:
+    absl_logger.addFilter(_QUIET_ORBAX)
+  c = config.checkpoint
+
+  def keep(n):
+    return None if n < 0 else int(n)
+
+  retention = convergence.TierRetention(
+      preliminary=keep(c.keep_preliminary), observation=keep(c.keep_observation),
+      candidate=keep(c.keep_candidate), candidate_metric=c.candidate_metric,
+      candidate_mode=c.candidate_mode)
+  return convergence.TieredCheckpointManager(
+      checkpoint_dir(workdir), retention=retention, save_interval_steps=int(c.every),
+      async_save=bool(c.async_save))
+
+
+def abstract(tree):
+  """Shapes, dtypes and shardings of ``tree`` (the restore target), without copying data."""
+  return jax.eval_shape(lambda: tree)
+
+
+def restore(mgr, target, *, max_step: int, workdir: str):
+  """Restores the newest verified checkpoint ≤ ``max_step`` and deletes the newer ones.
+
+  Returns ``convergence.Restored``. A state whose structure differs from ``target`` (the config
+  builds another model or optimizer) raises :class:`ResumeRefused`.
+  """
+  import convergence  # pylint: disable=g-import-not-at-top
+  try:
+    restored = mgr.restore_latest_valid(target, max_step=max_step)
+  except convergence.CorruptCheckpointError as e:
+    raise ResumeRefused(
+        f"no checkpoint in {checkpoint_dir(workdir)!r} verifies (the oldest fails with: {e}). "
+        "Inspect them, or pass --config.checkpoint.resume=False to move the run aside and start "
+        "fresh.") from e
+  except FileNotFoundError as e:
+    raise ResumeRefused(
+        f"{e}: every checkpoint lies beyond num_steps={max_step}. Use a new --workdir or "
+        "--config.checkpoint.resume=False.") from e
+  except ValueError as e:
+    raise ResumeRefused(
+        f"the checkpoints in {checkpoint_dir(workdir)!r} hold a state of another structure than "
+        f"the one this config builds ({e}). Use a new --workdir or "
+        "--config.checkpoint.resume=False.") from e
+  for step, why in restored.skipped:
+    logging.warning("checkpoint %d skipped: %s", step, why)
+  newer = [s for s in mgr.all_steps() if s > restored.step]
+  if newer:
+    # Every newer step failed verification (or lies beyond num_steps under
+    # allow_config_change); delete them, or Orbax would skip the saves at those steps.
+    logging.warning("rolling back to step %d: deleting checkpoints %s", restored.step, newer)
+    restored = mgr.rollback(restored.step, target, force=True)._replace(
+        skipped=restored.skipped)
+  return restored
+
+
+def truncate_metrics(path: str, step: int) -> list[str]:
+  """Keeps the lines of ``metrics.jsonl`` whose ``step`` is below ``step``; returns them.
+
+  Lines are kept verbatim (no re-serialisation, so bytes are unchanged); an unparsable line
+  (a write torn by a kill) is dropped. The file is replaced atomically.
+  """
+  if not os.path.exists(path):
+    logging.warning("resuming without %s: rows before the restored step are missing", path)
+    return []
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if not line.endswith("\n"):
+        continue  # torn last line
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if int(row.get("step", -1)) < step:
+        kept.append(line)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return kept
+
+
+def log_resume(workdir: str, entry: Mapping[str, Any]) -> None:
+  """Appends one JSON line to ``workdir/resume_log.jsonl`` (audit trail of resumes)."""
+  entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           **entry}
+  with open(os.path.join(workdir, RESUME_LOG), "a", encoding="utf-8") as f:
+    f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def versions() -> dict[str, str]:
+  """Library versions recorded in each checkpoint (informational, not compared)."""
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      pass
+  return out
