@@ -1,6 +1,80 @@
-"""losslab.distill — distillation losses (coming in a later issue).
+"""losslab.distill — distillation losses, loss fusion and the staged distillation strategy.
 
-Planned: temperature soft targets with per-position weights, the KL / JSD / skew-KL family
-chunked over large vocabularies, feature / relation / temporal losses, a gating network that
-fuses loss terms, and a staged, metric-driven distillation strategy.
+Feature, relation and temporal losses on intermediate slices collected from Flax NNX models
+without rewriting them (``collect_intermediates``): cosine + angular, MMD with learnable
+mixture-of-Gaussians bandwidths, L1 reconstruction through a learned head, layer maps with
+width projections and geometric depth weights (``FeatureDistiller``); MiniLM v2 relation
+distillation; a position-weighted smoothness penalty, attention-evolution alignment by the
+nuclear norm and a documented interpretation of "semantic path replay". Fusion: fixed
+weights, uncertainty weighting (Kendall et al. 2018) and a gating network; the adaptive
+strategy as optax pieces (clipping-mode switching, per-layer learning rates, accumulation)
+and a checkpointable controller with an audit log. Every loss is computed in float32 (or
+wider) whatever the input dtype. Token-level divergences are in progress (issue 4).
 """
+
+from distill._features import attention_from_qkv
+from distill._features import collect_intermediates
+from distill._features import cosine_angular_loss
+from distill._features import DEFAULT_SLICE_LOSSES
+from distill._features import FeatureDistiller
+from distill._features import geometric_layer_weights
+from distill._features import GPT_SLICE_PATHS
+from distill._features import layer_map
+from distill._features import LAYER_MAPS
+from distill._features import LOSS_KINDS
+from distill._features import median_log_bandwidths
+from distill._features import mmd
+from distill._features import MMDKernel
+from distill._features import reconstruction_l1
+from distill._features import ReconstructionHead
+from distill._features import SLICES
+from distill._relation import minilm_relation_loss
+from distill._relation import MINILM_RELATIONS
+from distill._relation import relation_kl
+from distill._relation import relation_log_probs
+from distill._relation import RELATIONS
+from distill._relation import split_qkv
+from distill._temporal import attention_evolution
+from distill._temporal import attention_evolution_loss
+from distill._temporal import GROWTHS
+from distill._temporal import HEAD_REDUCTIONS
+from distill._temporal import path_replay_loss
+from distill._temporal import smoothness_penalty
+from distill._fusion import FixedFusion
+from distill._fusion import fuse
+from distill._fusion import GatedFusion
+from distill._fusion import LossFusion
+from distill._fusion import runtime_feature_names
+from distill._fusion import runtime_features
+from distill._fusion import UncertaintyFusion
+from distill._fusion import weighted_sum
+from distill._strategy import accumulate_gradients
+from distill._strategy import AccumulateState
+from distill._strategy import AccumulationRule
+from distill._strategy import adaptive_controller
+from distill._strategy import audit_records
+from distill._strategy import AuditLog
+from distill._strategy import clip_by_mode
+from distill._strategy import CLIP_GLOBAL
+from distill._strategy import CLIP_MODES
+from distill._strategy import CLIP_PER_LAYER
+from distill._strategy import CLIP_PER_LEAF
+from distill._strategy import ClipByModeState
+from distill._strategy import ClipInfo
+from distill._strategy import ClipRule
+from distill._strategy import Controller
+from distill._strategy import controller_transformation
+from distill._strategy import ControllerInfo
+from distill._strategy import ControllerState
+from distill._strategy import ControllerTransformState
+from distill._strategy import decision_args
+from distill._strategy import GroupScheduleState
+from distill._strategy import micro_batched_value_and_grad
+from distill._strategy import per_layer_learning_rates
+from distill._strategy import ReweightRule
+from distill._strategy import scale_by_group_schedule
+from distill._strategy import set_clip_mode
+from distill._strategy import StallRule
+from distill._strategy import strategy_metrics
+from distill._strategy import top_level_labels
+from distill._strategy import update_ratios
