@@ -1,5 +1,12 @@
 """losslab.distill — distillation losses, loss fusion and the staged distillation strategy.
 
+Token level: forward / reverse KL, generalised JSD(β) (β = 0, 1 special-cased to the KLs),
+skew KL and skew reverse KL (DistiLLM), soft-target KL with an explicit T² factor and Hinton's
+mix with hard labels; padding masks and per-position float weights on every token loss; an
+importance-weight generator (teacher entropy × token rarity into [0.2, 3.0], or a user's
+tagger); and ``chunked_token_loss``, which works from the two models' final hidden states and
+output projections over chunks of positions and never holds [B, T, V] logits for both models.
+
 Feature, relation and temporal losses on intermediate slices collected from Flax NNX models
 without rewriting them (``collect_intermediates``): cosine + angular, MMD with learnable
 mixture-of-Gaussians bandwidths, L1 reconstruction through a learned head, layer maps with
@@ -9,7 +16,7 @@ nuclear norm and a documented interpretation of "semantic path replay". Fusion: 
 weights, uncertainty weighting (Kendall et al. 2018) and a gating network; the adaptive
 strategy as optax pieces (clipping-mode switching, per-layer learning rates, accumulation)
 and a checkpointable controller with an audit log. Every loss is computed in float32 (or
-wider) whatever the input dtype. Token-level divergences are in progress (issue 4).
+wider) whatever the input dtype.
 """
 
 from distill._features import attention_from_qkv
@@ -78,3 +85,23 @@ from distill._strategy import StallRule
 from distill._strategy import strategy_metrics
 from distill._strategy import top_level_labels
 from distill._strategy import update_ratios
+from distill._divergences import forward_kl
+from distill._divergences import generalized_jsd
+from distill._divergences import hinton_loss
+from distill._divergences import REDUCTIONS
+from distill._divergences import reverse_kl
+from distill._divergences import skew_kl
+from distill._divergences import skew_reverse_kl
+from distill._divergences import soft_target_kl
+from distill._divergences import token_loss
+from distill._divergences import TOKEN_LOSSES
+from distill._chunked import chunked_token_entropy
+from distill._chunked import chunked_token_loss
+from distill._chunked import GRAD_MODES
+from distill._weights import default_importance_scores
+from distill._weights import importance_weights
+from distill._weights import lookup_scorer
+from distill._weights import Scorer
+from distill._weights import token_counts
+from distill._weights import token_entropy
+from distill._weights import weights_from_scores
