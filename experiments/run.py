@@ -7,6 +7,9 @@ enumeration (optimizer, schedule, model, dataset, ...) or a value out of range i
 ``experiments.config_lib.validate_config`` with the field and the accepted values. Both happen
 before any data is loaded or anything is compiled.
 
+A config with a ``distill`` block (``configs/distill.py``) runs
+``experiments.distillation.distill_and_evaluate`` (teacher, then student) instead of the trainer.
+
 Exit status: 0 on success, 1 with a one-line message on a bad config or a diverged run (the
 run directory then holds every metric up to the non-finite step, and the plots).
 """
@@ -47,15 +50,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   from experiments import config_lib  # pylint: disable=g-import-not-at-top
+  distilling = "distill" in _CONFIG.value  # a distill block: experiments.distillation
   try:
-    config = config_lib.validate_config(_CONFIG.value)
+    if distilling:
+      from experiments import distillation  # pylint: disable=g-import-not-at-top
+      config = distillation.validate(_CONFIG.value)
+    else:
+      config = config_lib.validate_config(_CONFIG.value)
   except ValueError as e:
     sys.exit(f"config error: {e}")
   from experiments import checkpointing  # pylint: disable=g-import-not-at-top
   from experiments import trainer  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   try:
-    summary = trainer.train_and_evaluate(config, _WORKDIR.value)
+    if distilling:
+      summary = distillation.distill_and_evaluate(config, _WORKDIR.value)
+    else:
+      summary = trainer.train_and_evaluate(config, _WORKDIR.value)
   except trainer.TrainingDiverged as e:
     sys.exit(f"diverged: {e}")
   except checkpointing.ResumeRefused as e:
