@@ -9,7 +9,14 @@ directories plus the tier ledger ``tiers.json``). One checkpoint at step ``s`` i
 * ``state`` (arrays, per-leaf SHA-256 verified at restore): ``train`` — the ``TrainState``
   (step, params, optax state with the probe states); ``rng`` — the probe PRNG key (new-style);
   ``host`` — host-side loop state that later metrics read: ``rel_guess``, the warm start of the
-  relative-sharpness searches.
+  relative-sharpness searches; ``monitor`` (with ``config.monitor.enabled``) — the convergence
+  monitor's whole state (anomaly detector windows, evidence windows and Kalman levels, the
+  network's decayed evidence, tables and last decision, and the host counters: tier of the
+  newest checkpoint, release given, emergency saves, rollbacks), packed into one array per
+  dtype (``experiments.monitoring.pack``).
+* tier, kind (regular / forced at a stage boundary or a hyper-parameter change / emergency)
+  and reason in the ledger ``tiers.json`` (see ``experiments.monitoring`` for the promotion
+  rule).
 * ``metadata`` (JSON, sealed by a digest): the resolved config, the data-iterator position
   (``IteratorState`` per task; ``None`` in full-batch mode), the dataset fingerprint
   (``Dataset.info``: sizes and, for text, the corpus SHA-256), library versions (informational).
@@ -195,9 +202,63 @@ def make_manager(config: ml_collections.ConfigDict, workdir: str):
       preliminary=keep(c.keep_preliminary), observation=keep(c.keep_observation),
       candidate=keep(c.keep_candidate), candidate_metric=c.candidate_metric,
       candidate_mode=c.candidate_mode)
-  return convergence.TieredCheckpointManager(
+  mgr = convergence.TieredCheckpointManager(
       checkpoint_dir(workdir), retention=retention, save_interval_steps=int(c.every),
       async_save=bool(c.async_save))
+  # async_save: the manager's calls also leave the training thread (BackgroundManager).
+  return BackgroundManager(mgr) if c.async_save else mgr
+
+
+class BackgroundManager:
+  """Runs every call of a ``TieredCheckpointManager`` on one worker thread.
+
+  ``save`` and ``emergency_save`` return as soon as the call is queued, so the training loop
+  does not wait for the checksums and Orbax's synchronous set-up (host copies, directories),
+  which cost about a train step of the tiny GPT (benchmarks/checkpoint_bench.py); Orbax's own
+  background thread then writes the files. Every other method waits for the queued calls
+  and returns the result of its own. All calls run on the same thread in submission order,
+  which keeps the manager's one-thread rule and its step ordering. An error of a queued
+  save is raised by the next call that waits (``close`` included), as Orbax's asynchronous
+  errors are.
+
+  The arrays handed to ``save`` must not change afterwards: JAX arrays are immutable and the
+  runner does not donate buffers, so the state of step s stays valid while step s+1 runs.
+  """
+
+  _QUEUED = ("save", "emergency_save")
+
+  def __init__(self, mgr):
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+    self._mgr = mgr
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+    self._queued: list = []
+
+  def _raise_queued(self) -> None:
+    queued, self._queued = self._queued, []
+    for f in queued:
+      f.result()  # re-raises the error of a failed save
+
+  def _call(self, name: str, *args, **kwargs):
+    future = self._pool.submit(getattr(self._mgr, name), *args, **kwargs)
+    if name in self._QUEUED:
+      self._queued.append(future)
+      return True
+    try:
+      return future.result()
+    finally:
+      self._raise_queued()
+
+  def __getattr__(self, name: str):
+    attr = getattr(self._mgr, name)
+    if not callable(attr):
+      return attr
+    return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+
+  def close(self) -> None:
+    try:
+      self._call("close")
+    finally:
+      self._pool.shutdown(wait=True)
 
 
 def abstract(tree):

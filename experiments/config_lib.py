@@ -25,6 +25,8 @@ DATASETS = ("digits", "code", "prose", "text", "mix")
 LOSSES = ("mse", "cross_entropy")
 VOCABS = ("ascii", "corpus")
 CANDIDATE_MODES = ("min", "max")
+MONITOR_NODES = ("structural", "functional", "generalisation")  # nodes evidence can feed
+ANOMALY_REASONS = ("nonfinite", "spike", "level_shift", "unstable_lr")  # convergence.REASON_NAMES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -100,6 +102,46 @@ def default_config() -> ml_collections.ConfigDict:
   #   the old run aside to <workdir>.prev-<n> and start fresh
   c.checkpoint.allow_config_change = False  # resume even if fields that change the maths differ
   #   from the saved config (default: refuse, listing them)
+
+  c.monitor = ml_collections.ConfigDict()  # convergence monitor (experiments.monitoring)
+  c.monitor.enabled = True  # anomaly detector + evidence windows + Bayesian network every step
+  c.monitor.metrics = (  # evidence: "<metric> node=<node> [mode=min|max] [short=N] [long=N]
+      #   [history=N] [half_life=S]"; node: structural, functional or generalisation; windows
+      #   count accepted samples (a metric absent from a step is skipped), half_life is in steps
+      "train/grad_norm node=structural",
+      "train/update_norm node=structural",
+      "curv/lr_sharpness node=structural",
+      "train/loss node=functional",
+      "eval/loss node=generalisation short=2 long=10 history=8 half_life=1000",
+  )
+  c.monitor.short_window = 20  # default short (fast) evidence window, accepted samples
+  c.monitor.long_window = 200  # default long window (multiple of short_window and of 10)
+  c.monitor.history = 64  # default number of short-window means in the rolling-quantile baseline
+  c.monitor.half_life = 100.0  # default evidence half-life in steps (older evidence decays)
+  c.monitor.threshold = 0.9  # P(converged) for the decision "converged" (the default tables
+  #   cap P(converged) at 0.95, so a threshold >= 0.95 can never be reached)
+  c.monitor.tier_thresholds = (0.4, 0.6)  # P(converged) promoting the newest checkpoint to
+  #   observation, candidate; release = the decision "converged" (monitor.threshold)
+  c.monitor.anomaly_window = 64  # anomaly detector: long window (baseline) of each stream
+  c.monitor.anomaly_short_window = 8  # anomaly detector: short window for level shifts
+  c.monitor.spike_threshold = 6.0  # robust z-score of one value above which it is a spike
+  c.monitor.shift_threshold = 4.0  # robust z of the short-window median for a level shift
+  c.monitor.min_history = 16  # finite values a stream needs before spike/shift tests
+  c.monitor.lr_sharpness_limit = 2.0  # η·λ_c above this (the step raises the batch loss) ...
+  c.monitor.unstable_sustain = 20  # ... for this many consecutive measured steps: unstable_lr
+  c.monitor.emergency_on = ("nonfinite", "spike", "unstable_lr")  # anomaly reasons that write
+  #   a pinned emergency checkpoint of the state before the flagged update (others: logged)
+  c.monitor.max_emergency_saves = 10  # cap on emergency checkpoints per run (pinned: kept)
+  c.monitor.rollback_on_anomaly = False  # on an anomaly in rollback_on: restore the emergency
+  #   checkpoint, skip the flagged update (its batch is dropped) and continue; False: a
+  #   non-finite loss raises TrainingDiverged after the emergency checkpoint is written
+  c.monitor.rollback_on = ("nonfinite",)  # anomaly reasons that roll back (when enabled)
+  c.monitor.max_rollbacks = 3  # rollbacks per run before a non-finite loss stops it anyway
+  c.monitor.audit_every = 10  # audit.jsonl: a decision line every N steps, and at every change
+  #   of decision, conflict, anomaly or checkpoint tier
+
+  c.debug = ml_collections.ConfigDict()  # test-only hooks; leave at their defaults
+  c.debug.nan_at_step = -1  # make the training loss and gradients of step N NaN (-1 = off)
 
   c.log_every = 1  # write metrics every N steps
   c.eval_every = 100  # evaluate every N steps (and at the end); 0 = only at the end
@@ -224,6 +266,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     need(f[key] >= -1, key, "must be >= 0, or -1 to keep all")
   need(bool(f["checkpoint.candidate_metric"].strip()), "checkpoint.candidate_metric",
        "must name a metric, e.g. 'eval/loss'")
+  _validate_monitor(f, need)
+  need(f["debug.nan_at_step"] >= -1, "debug.nan_at_step", "must be a step >= 0, or -1 (off)")
   need(f["probe.preconditioned_every"] == 0 or f["optimizer.name"] in ("adam", "adamw"),
        "probe.preconditioned_every", "preconditioned sharpness needs optimizer 'adam' or 'adamw'")
   need(f["probe.relative_every"] == 0 or f["data.name"] == "mix", "probe.relative_every",
@@ -238,6 +282,101 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   need(f["data.name"] != "text" or bool(f["data.path"]), "data.path",
        "data.name='text' needs a file or folder path")
   return resolved.lock()
+
+
+_SPEC_KEYS = {"node": str, "mode": str, "short": int, "long": int, "history": int,
+              "half_life": float}
+
+
+def parse_monitor_metric(spec: str, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Parses one ``monitor.metrics`` entry, ``"<metric> node=<node> [key=value ...]"``.
+
+  Returns ``{"name", "node", "mode", "short", "long", "history", "half_life"}`` with the
+  missing keys taken from ``defaults`` (keys ``short``, ``long``, ``history``, ``half_life``).
+  Raises ``ValueError`` naming the entry and the key.
+  """
+  defaults = defaults or {}
+  parts = str(spec).split()
+  if not parts or "=" in parts[0]:
+    raise ValueError(f"config.monitor.metrics entry {spec!r}: must start with a metric name, "
+                     "e.g. 'train/loss node=functional'.")
+  out: dict[str, Any] = {"name": parts[0], "mode": "min", **defaults}
+  for token in parts[1:]:
+    key, eq, value = token.partition("=")
+    if not eq or key not in _SPEC_KEYS:
+      raise ValueError(f"config.monitor.metrics entry {spec!r}: {token!r} is not key=value "
+                       f"with a key in {sorted(_SPEC_KEYS)}.{_suggest(key, _SPEC_KEYS)}")
+    try:
+      out[key] = _SPEC_KEYS[key](value)
+    except ValueError:
+      raise ValueError(f"config.monitor.metrics entry {spec!r}: {key}={value!r} must be "
+                       f"{_SPEC_KEYS[key].__name__}.") from None
+  where = f"config.monitor.metrics entry {spec!r}"
+  if "node" not in out:
+    raise ValueError(f"{where}: needs node=<one of {list(MONITOR_NODES)}>.")
+  if out["node"] not in MONITOR_NODES:
+    raise ValueError(f"{where}: node={out['node']!r} is not one of {list(MONITOR_NODES)}."
+                     f"{_suggest(out['node'], MONITOR_NODES)}")
+  if out["mode"] not in CANDIDATE_MODES:
+    raise ValueError(f"{where}: mode={out['mode']!r} is not one of {list(CANDIDATE_MODES)}.")
+  s, l, h = out.get("short"), out.get("long"), out.get("history")
+  if s is None or l is None or h is None or "half_life" not in out:
+    raise ValueError(f"{where}: short, long, history and half_life need values or defaults.")
+  if s < 2 or l < 2 * s or l % s or l % 10:
+    raise ValueError(f"{where}: needs short >= 2 and long a multiple of short (>= 2·short) "
+                     f"and of 10 (the stationarity test's batches); got short={s}, long={l}.")
+  if h < 4:
+    raise ValueError(f"{where}: history={h} must be >= 4.")
+  if not out["half_life"] > 0:
+    raise ValueError(f"{where}: half_life={out['half_life']!r} must be > 0 (steps; inf = never "
+                     "forget).")
+  return out
+
+
+def monitor_metric_specs(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The parsed ``config.monitor.metrics`` (see :func:`parse_monitor_metric`)."""
+  m = config.monitor
+  defaults = {"short": int(m.short_window), "long": int(m.long_window),
+              "history": int(m.history), "half_life": float(m.half_life)}
+  return [parse_monitor_metric(s, defaults) for s in m.metrics]
+
+
+def _validate_monitor(f: dict[str, Any], need) -> None:
+  for key in ("monitor.short_window", "monitor.long_window", "monitor.history",
+              "monitor.anomaly_window", "monitor.anomaly_short_window", "monitor.min_history",
+              "monitor.unstable_sustain", "monitor.audit_every"):
+    need(f[key] >= 1, key, "must be >= 1")
+  for key in ("monitor.max_emergency_saves", "monitor.max_rollbacks"):
+    need(f[key] >= 0, key, "must be >= 0")
+  need(f["monitor.anomaly_short_window"] <= f["monitor.anomaly_window"],
+       "monitor.anomaly_short_window", "must be <= monitor.anomaly_window")
+  need(f["monitor.min_history"] <= f["monitor.anomaly_window"], "monitor.min_history",
+       "must be <= monitor.anomaly_window")
+  for key in ("monitor.spike_threshold", "monitor.shift_threshold",
+              "monitor.lr_sharpness_limit", "monitor.half_life"):
+    need(f[key] > 0, key, "must be > 0")
+  need(0 < f["monitor.threshold"] < 1, "monitor.threshold", "must be in (0, 1)")
+  t = f["monitor.tier_thresholds"]
+  need(len(t) == 2 and all(isinstance(x, (int, float)) and 0 < x < 1 for x in t)
+       and t[0] <= t[1] <= f["monitor.threshold"], "monitor.tier_thresholds",
+       "must be two probabilities (observation, candidate) with 0 < observation <= candidate "
+       f"<= monitor.threshold={f['monitor.threshold']}")
+  for key in ("monitor.emergency_on", "monitor.rollback_on"):
+    bad = [r for r in f[key] if r not in ANOMALY_REASONS]
+    need(not bad, key, f"entries must be anomaly reasons in {list(ANOMALY_REASONS)}"
+         + (_suggest(str(bad[0]), ANOMALY_REASONS) if bad else ""))
+  need(set(f["monitor.rollback_on"]) <= set(f["monitor.emergency_on"]), "monitor.rollback_on",
+       "every rollback reason must also be in monitor.emergency_on (a rollback restores the "
+       "emergency checkpoint)")
+  if not f["monitor.enabled"]:
+    return
+  need(len(f["monitor.metrics"]) >= 1, "monitor.metrics", "must name at least one metric")
+  names = [str(s).split()[0] if str(s).split() else "" for s in f["monitor.metrics"]]
+  need(len(set(names)) == len(names), "monitor.metrics", "metric names must be distinct")
+  defaults = {"short": int(f["monitor.short_window"]), "long": int(f["monitor.long_window"]),
+              "history": int(f["monitor.history"]), "half_life": float(f["monitor.half_life"])}
+  for spec in f["monitor.metrics"]:
+    parse_monitor_metric(spec, defaults)
 
 
 def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
@@ -263,4 +402,7 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collec
       node = node[p]
     with config.unlocked():
       node[leaf] = value
+  if "distill" in config:  # the distillation experiment validates its own block
+    from experiments import distillation  # pylint: disable=g-import-not-at-top
+    return distillation.validate(config)
   return validate_config(config)

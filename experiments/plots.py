@@ -10,6 +10,11 @@
 * ``plots/relative_sharpness.png`` (data-mixing runs) — the 2×2 relative critical sharpness
   matrix over time: row = the monitored loss, column = the task whose update is followed; the
   diagonal is each task's ordinary λ_c along its own update.
+* ``plots/convergence.png`` (runs with ``monitor.enabled``) — the convergence report: the
+  posterior P(node settled) of the four network nodes with the decision threshold, conflicts
+  shaded; the evidence strength of each monitored metric (signed: + stable/settled, − still
+  moving); the training loss; anomalies (red) and checkpoint tier events from ``audit.jsonl``
+  (saves, promotions, emergency saves) marked on every panel.
 """
 
 from __future__ import annotations
@@ -218,6 +223,133 @@ def plot_relative(rows, config: dict, path: str, title: str = "") -> None:
   plt.close(fig)
 
 
+NODES = ("structural", "functional", "generalisation", "converged")
+TIER_COLOURS = {"preliminary": "0.55", "observation": "C0", "candidate": "C2",
+                "release": "C3"}
+
+
+def read_audit(run_dir: str) -> list[dict[str, Any]]:
+  """The records of ``run_dir/audit.jsonl`` ([] if absent; a torn last line is skipped)."""
+  path = os.path.join(run_dir, "audit.jsonl")
+  out = []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          break
+  return out
+
+
+def _spans(steps: np.ndarray, on: np.ndarray) -> list[tuple[float, float]]:
+  """Contiguous ``[start, end]`` step ranges where ``on`` holds."""
+  spans, begin = [], None
+  for st, flag in zip(steps, on):
+    if flag and begin is None:
+      begin = st
+    elif not flag and begin is not None:
+      spans.append((begin - 0.5, st - 0.5))
+      begin = None
+  if begin is not None:
+    spans.append((begin - 0.5, steps[-1] + 0.5))
+  return spans
+
+
+def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: str = "") -> None:
+  """Posterior per node, evidence per metric, loss; anomalies and tier events marked."""
+  fig, (axp, axe, axl) = plt.subplots(
+      3, 1, figsize=(9.5, 9.5), sharex=True, gridspec_kw={"height_ratios": [2.2, 1.8, 1.2]})
+  colours = {"structural": "C0", "functional": "C1", "generalisation": "C2",
+             "converged": "k"}
+  for node in NODES:
+    st, v = series(rows, f"monitor/p_{node}")
+    if st.size:
+      axp.plot(st, v, color=colours[node], lw=2.0 if node == "converged" else 1.2,
+               label=f"P({node})")
+  mon = config.get("monitor", {})
+  thr = mon.get("threshold")
+  if thr is not None:
+    axp.axhline(thr, color="k", ls="--", lw=0.8, label=f"decision threshold {thr:g}")
+  for t in mon.get("tier_thresholds", ()):
+    axp.axhline(t, color="0.6", ls=":", lw=0.8)
+  st, conflict = series(rows, "monitor/conflict")
+  for i, (a, b) in enumerate(_spans(st, conflict > 0)):
+    axp.axvspan(a, b, color="C4", alpha=0.12, lw=0, label="conflict (decision frozen)"
+                if i == 0 else None)
+  st, decision = series(rows, "monitor/decision")
+  for i, (a, b) in enumerate(_spans(st, decision > 0)):
+    axp.axvspan(a, b, ymin=0.97, ymax=1.0, color="C3", alpha=0.8, lw=0,
+                label="decision: converged" if i == 0 else None)
+  axp.set_ylim(-0.03, 1.03)
+  axp.set_ylabel("posterior P(node settled)")
+  axp.set_title(title + "\nconvergence monitor", fontsize=10)
+
+  metrics = sorted({k[len("monitor/strength/"):] for r in rows for k in r
+                    if k.startswith("monitor/strength/")})
+  for i, name in enumerate(metrics):
+    st, strength = series(rows, f"monitor/strength/{name}")
+    _, direction = series(rows, f"monitor/direction/{name}")
+    if not st.size or direction.size != strength.size:
+      continue
+    signed = np.where(direction == 0, strength, -strength)
+    axe.plot(st, signed, color=f"C{i % 10}", lw=1.0, label=name,
+             marker="o" if st.size <= 40 else None, ms=3)
+  axe.axhline(0, color="k", lw=0.6)
+  axe.set_ylim(-1.05, 1.05)
+  axe.set_ylabel("evidence strength\n+ stable / − moving")
+
+  for key, label, colour in (("train/loss", "train loss", "C0"),
+                             ("eval/loss", "eval loss", "C1")):
+    st, v = series(rows, key, positive=True)
+    if st.size:
+      axl.plot(st, v, color=colour, label=label, marker="o" if key == "eval/loss" else None,
+               ms=3, lw=1.0)
+  axl.set_yscale("log")
+  axl.set_ylabel("loss")
+  axl.set_xlabel("step")
+
+  # Anomalies: red lines on every panel (non-finite losses are absent from the loss curve).
+  st, flag = series(rows, "monitor/anomaly")
+  anomalies = st[flag > 0]
+  for ax in (axp, axe, axl):
+    for j, a in enumerate(anomalies):
+      ax.axvline(a, color="red", lw=1.2, alpha=0.8,
+                 label="anomaly" if (j == 0 and ax is axl) else None)
+  # Tier events: saves and promotions of checkpoints, coloured by tier, at the step they
+  # happened (a save of checkpoint s happens after loop step s − 1).
+  seen = set()
+  for rec in audit:
+    ev = rec.get("event")
+    if ev not in ("checkpoint", "promotion"):
+      continue  # decisions are in the metrics; anomalies are drawn below
+    tier = rec.get("tier", "preliminary")
+    x = rec.get("checkpoint", rec.get("step")) if ev == "checkpoint" else rec.get("step")
+    marker = "v" if ev == "checkpoint" else "^"
+    label = f"{'save' if ev == 'checkpoint' else 'promotion'}: {tier}"
+    axp.plot([x], [1.0], marker, color=TIER_COLOURS.get(tier, "k"), ms=8 if ev == "promotion"
+             else 6, transform=axp.get_xaxis_transform(), clip_on=False, ls="none",
+             label=None if label in seen else label)
+    seen.add(label)
+    if ev == "promotion":
+      for ax in (axp, axe, axl):
+        ax.axvline(x, color=TIER_COLOURS.get(tier, "k"), ls="--", lw=0.9, alpha=0.7)
+  for rec in audit:
+    if rec.get("event") == "anomaly" and rec.get("emergency_checkpoint"):
+      label = "emergency checkpoint"
+      axp.plot([rec["step"]], [1.0], "*", color="red", ms=11, ls="none", clip_on=False,
+               transform=axp.get_xaxis_transform(), label=None if label in seen else label)
+      seen.add(label)
+  for ax in (axp, axe, axl):
+    ax.grid(True, alpha=0.25)
+  axp.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+  axe.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+  axl.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def make_plots(run_dir: str) -> list[str]:
   """Write every plot that the run's metrics support; returns the PNG paths."""
   rows = read_metrics(run_dir)
@@ -232,6 +364,9 @@ def make_plots(run_dir: str) -> list[str]:
     if relative_keys(rows):
       paths.append(os.path.join(out_dir, "relative_sharpness.png"))
       plot_relative(rows, config, paths[-1], title)
+    if any("monitor/p_converged" in r for r in rows):
+      paths.append(os.path.join(out_dir, "convergence.png"))
+      plot_convergence(rows, read_audit(run_dir), config, paths[-1], title)
   return paths
 
 

@@ -9,8 +9,20 @@ directory of DESIGN.md::
   workdir/metrics.jsonl    one JSON object per logged step
   workdir/checkpoints/     Orbax checkpoints and the tier ledger tiers.json (config.checkpoint)
   workdir/resume_log.jsonl one line per resume (restored step, skipped checkpoints, changes)
+  workdir/audit.jsonl      the convergence monitor's decisions, anomalies and checkpoint tier
+                           events, one JSON object per line (experiments.monitoring)
   workdir/tensorboard/     TensorBoard events (tensorboardX)
-  workdir/plots/*.png      sharpness and loss plots (experiments.plots)
+  workdir/plots/*.png      sharpness and loss plots, and the convergence report
+                           plots/convergence.png (experiments.plots)
+
+With ``config.monitor.enabled`` (default) every step also runs the convergence monitor
+(``experiments.monitoring``: anomaly detector, evidence windows, Bayesian network; logged as
+``monitor/*``). An anomaly in ``monitor.emergency_on`` writes a pinned emergency checkpoint of
+the state before the flagged update; with ``monitor.rollback_on_anomaly`` an anomaly in
+``monitor.rollback_on`` (default: a non-finite loss) skips that update and training goes on,
+without it a non-finite loss stops the run (``TrainingDiverged``) after that checkpoint. The
+posterior promotes checkpoints preliminary → observation → candidate → release; the end of
+warmup, the start of a WSD decay and a resume under changed hyper-parameters force a save.
 
 Row ``{"step": t, ...}`` describes the parameters θ_t *before* update t: the training loss on
 batch t, λ_c along update t, λ_max / λ^PH at θ_t on batch t, the learning rate η_t of update t
@@ -39,15 +51,18 @@ import numpy as np
 import optax
 from flax import nnx
 
+import convergence
 import curvature
 from experiments import checkpointing
 from experiments import config_lib
 from experiments import data as data_lib
 from experiments import models
+from experiments import monitoring
 from experiments import optim
 
 PyTree = Any
 TASKS = ("code", "prose")  # the two tasks of data.name='mix', in matrix order
+TIER_NAMES = monitoring.TIER_NAMES
 
 
 class TrainState(NamedTuple):
@@ -140,15 +155,23 @@ def accumulate(loss_fn, num_chunks: int):
 # --------------------------------------------------------------------------------------------
 
 
-def make_train_step(loss_fn, value_and_grad, tx, schedule, *, directional: bool = False):
+def make_train_step(loss_fn, value_and_grad, tx, schedule, *, directional: bool = False,
+                    nan_at_step: int = -1):
   """``train_step(state, batch) -> (state, metrics)``: one optimizer step with the probes.
 
   The probe inside ``tx`` gets ``value`` (the loss just computed, reused as L(θ)), ``grad``
   (which places the search's first model trial) and ``value_fn`` (the loss at this batch as a
-  function of params only).
+  function of params only). ``nan_at_step`` ≥ 0 (``config.debug.nan_at_step``, tests only)
+  replaces the loss and every gradient entry of that step by NaN (a ``where``: the other
+  steps' parameters, losses and λ_c are bit-identical to a run without it, but XLA may fuse
+  the optional directional-sharpness HVP differently, changing it in the last bits).
   """
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
     loss, grads = value_and_grad(state.params, batch)
+    if nan_at_step >= 0:
+      poisoned = state.step == nan_at_step
+      loss = jnp.where(poisoned, jnp.nan, loss)
+      grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
     updates, opt_state = tx.update(
         grads, state.opt_state, state.params, value=loss, grad=grads,
         value_fn=lambda p: loss_fn(p, batch))
@@ -335,9 +358,13 @@ def _iterator_position(iterator) -> Any:
   return dict(pos._asdict())
 
 
-def _payload(state: TrainState, probe_key, rel_guess) -> dict[str, Any]:
-  """The array part of a checkpoint (see experiments.checkpointing)."""
-  return {"train": state, "rng": {"probe": probe_key}, "host": {"rel_guess": rel_guess}}
+def _payload(state: TrainState, probe_key, rel_guess, monitor_packed=None) -> dict[str, Any]:
+  """The array part of a checkpoint (see experiments.checkpointing); ``monitor_packed`` is
+  ``experiments.monitoring.pack`` of the monitor state."""
+  out = {"train": state, "rng": {"probe": probe_key}, "host": {"rel_guess": rel_guess}}
+  if monitor_packed is not None:
+    out["monitor"] = monitor_packed
+  return out
 
 
 def _postfix(row: dict) -> dict:
@@ -371,8 +398,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run (train step, eval, Lanczos, ...) was compiled — 1 when nothing recompiled.
 
   Raises:
-    TrainingDiverged: the training loss became non-finite; everything up to that step is
-      already written (metrics, TensorBoard, plots).
+    TrainingDiverged: the training loss became non-finite (and ``monitor.rollback_on_anomaly``
+      is off or its ``max_rollbacks`` are used up); everything up to that step is already
+      written (metrics, TensorBoard, plots, audit log) and, with the monitor on, the state
+      before the poisoned update is in a pinned emergency checkpoint at that step.
     experiments.checkpointing.ResumeRefused: the workdir holds checkpoints of a run with a
       different config (the message lists the fields and the overrides).
   """
@@ -418,7 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_batch = jax.device_put(eval_batch)
 
   train_step = jax.jit(make_train_step(loss_fn, value_and_grad, optimizer.tx, schedule,
-                                       directional=config.probe.directional))
+                                       directional=config.probe.directional,
+                                       nan_at_step=config.debug.nan_at_step))
   eval_step = jax.jit(make_eval_step(config, graphdef))
   p = config.probe
   lanczos = jax.jit(make_lanczos_fn(loss_fn, p.lanczos_iters)) if p.lanczos_every else None
@@ -427,6 +457,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               if p.relative_every else None)
   rel_guess = jnp.full((len(TASKS), len(TASKS)), p.step_guess, jnp.float32)
   probe_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  monitor = monitoring.Monitor(config) if config.monitor.enabled else None
+  mstate = monitor.init() if monitor is not None else None
 
   # ---- checkpoints: resume, then save every ck.every steps and at the end
   data_info = ({t: d.info for t, d in dataset.items()} if isinstance(dataset, dict)
@@ -435,11 +467,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "versions": checkpointing.versions()}
   mgr = checkpointing.make_manager(config, workdir) if (ck.enabled or resuming) else None
   start_step = 0
+  hyper_changes: list[str] = []  # maths fields changed on resume (allow_config_change)
   last_row: dict[str, Any] = {}
   last_eval_loss: dict[str, float] = {}  # ledger metric of the next checkpoint
   if resuming:
     try:
-      target = checkpointing.abstract(_payload(state, probe_key, rel_guess))
+      target = checkpointing.abstract(_payload(
+          state, probe_key, rel_guess, None if monitor is None else monitor.pack(mstate)))
       restored = checkpointing.restore(mgr, target, max_step=config.num_steps, workdir=workdir)
       meta = restored.metadata
       changed = checkpointing.check_config(meta["config"], config, workdir=workdir,
@@ -454,12 +488,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "written by this runner.")
       probe_key = restored.state["rng"]["probe"]
       rel_guess = _canonical(restored.state["host"]["rel_guess"])
+      if monitor is not None:
+        mstate = monitoring.unpack(restored.state["monitor"], mstate)
+      hyper_changes, _ = checkpointing.config_differences(meta["config"],
+                                                          checkpointing.config_json(config))
       if iterator is not None:
         iterator.set_state(meta["data_position"])
       kept = checkpointing.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
     except BaseException:
       mgr.close()
       raise
+    monitoring.truncate_audit(workdir, start_step)
     rows = [json.loads(line) for line in kept]
     last_row = next((r for r in reversed(rows) if "train/loss" in r), {})
     last_eval_loss = next(({"eval/loss": r["eval/loss"]} for r in reversed(rows)
@@ -470,14 +509,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed %s from the checkpoint at step %d (%d metric rows kept)", workdir,
                  start_step, len(kept))
 
-  def save(done: int, *, final: bool = False) -> None:
+  # ---- the monitor's host side: tiers, emergency saves, rollback, audit log
+  boundaries = monitoring.stage_boundaries(config) if ck.enabled else {}
+  if resuming and hyper_changes and start_step < config.num_steps:
+    # allow_config_change: the first state trained under the new hyper-parameters.
+    why = "hyper-parameter change on resume: " + "; ".join(hyper_changes)
+    boundaries[start_step + 1] = "; ".join(
+        r for r in (boundaries.get(start_step + 1), why) if r)
+  m = config.monitor
+  emergency_at = None  # step of the last emergency checkpoint
+  level = 0  # the tier level the posterior asks for (monitoring.tier_level)
+
+  def audit(record: dict) -> None:
+    if monitor is not None:
+      monitoring.append_audit(workdir, record)
+
+  def host(**changes) -> None:
+    nonlocal mstate
+    if mstate is not None:
+      mstate = mstate._replace(host=mstate.host._replace(
+          **{k: jnp.int32(v) for k, v in changes.items()}))
+
+  def packed_monitor():
+    return None if monitor is None else monitor.pack(mstate)
+
+  def host_int(name: str) -> int:
+    return int(getattr(mstate.host, name)) if mstate is not None else 0
+
+  def save_tier() -> int:
+    """The tier of a new save: the asked level, release only once per upward crossing."""
+    return 2 if level == 3 and host_int("released") else level
+
+  def save(done: int, loop_step: int, *, force: bool = False, reason: str | None = None
+           ) -> None:
     """Checkpoints the state after ``done`` updates (the loop state of step ``done``)."""
-    forced = final and done % ck.every != 0
+    tier = save_tier() if monitor is not None else 0
+    host(newest_tier=tier, released=max(host_int("released"), int(tier == 3)))
     metrics = {k: float(last_row[k]) for k in ("train/loss",) if k in last_row}
     metrics.update({k: float(v) for k, v in last_eval_loss.items()})
-    mgr.save(done, _payload(state, probe_key, rel_guess),
+    mgr.save(done, _payload(state, probe_key, rel_guess, packed_monitor()),
+             tier=TIER_NAMES[tier],
              metadata={**static_meta, "data_position": _iterator_position(iterator)},
-             metrics=metrics, force=forced, reason="end of run" if forced else None)
+             metrics=metrics, force=force, reason=reason)
+    audit({"event": "checkpoint", "step": loop_step, "checkpoint": done, "kind":
+           "forced" if force else "regular", "tier": TIER_NAMES[tier], "reason": reason,
+           "p_converged": last_row.get("monitor/p_converged")})
+
+  def promote(loop_step: int) -> None:
+    """Promotes the newest checkpoint when the posterior's level rose above its tier."""
+    newest = host_int("newest_tier")
+    target = save_tier()
+    if mgr is None or newest < 0 or target <= newest:
+      return
+    latest = mgr.latest_step()
+    p_c = last_row.get("monitor/p_converged", float("nan"))
+    reason = (f"posterior P(converged)={p_c:.4f} at step {loop_step} "
+              + ("(decision: converged)" if target == 3 else
+                 f"(>= {monitor.thresholds[target - 1]})"))
+    if latest is not None and monitoring.TIER_NAMES.index(mgr.record(latest).tier) < target:
+      mgr.promote(latest, TIER_NAMES[target], reason=reason)
+    host(newest_tier=target, released=max(host_int("released"), int(target == 3)))
+    audit({"event": "promotion", "step": loop_step, "checkpoint": latest,
+           "tier": TIER_NAMES[target], "reason": reason, "p_converged": p_c})
 
   writer = MetricWriter(workdir, resume_step=start_step if resuming else None)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -516,26 +609,104 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state.params, new_state.opt_state, batch, jax.random.fold_in(probe_key, step))
       metrics.update(extra)
       metrics = jax.device_get(metrics)
+      mout = None
+      if monitor is not None:
+        # Host (NumPy) inputs: the same jit signature whatever device arrays the step made.
+        new_mstate, mout = monitor.update(mstate, monitor.inputs_of(metrics))
+        metrics.update(jax.device_get(mout.metrics))
       finite = math.isfinite(float(metrics["train/loss"]))
-      if step % config.log_every == 0 or extra or not finite or step == config.num_steps - 1:
+
+      # What the monitor asks for (documented in experiments.monitoring).
+      reason = int(metrics["monitor/anomaly_reason"]) if mout is not None else 0
+      emergency = bool(reason & monitor.emergency_mask) if mout is not None else False
+      emergency = (emergency and mgr is not None
+                   and host_int("emergency_saves") < m.max_emergency_saves)
+      rollback = (mout is not None and bool(reason & monitor.rollback_mask)
+                  and host_int("rollbacks") < m.max_rollbacks)
+      stop = not finite and not rollback
+      if mout is not None:
+        level = monitoring.tier_level(float(metrics["monitor/p_converged"]),
+                                      int(metrics["monitor/decision"]), monitor.thresholds)
+        metrics["monitor/tier"] = level
+        metrics["monitor/action"] = ((monitoring.ACTION_EMERGENCY_SAVE if emergency else 0)
+                                     | (monitoring.ACTION_ROLLBACK if rollback else 0)
+                                     | (monitoring.ACTION_STOP if stop else 0))
+      if (step % config.log_every == 0 or extra or not finite or reason
+          or step == config.num_steps - 1):
         writer.write(step, metrics)
       last_row = {k: _to_python(v) for k, v in metrics.items()}
-      if not finite:
+
+      if mout is not None:
+        if (step % m.audit_every == 0 or bool(mout.changed) or reason
+            or step == config.num_steps - 1):
+          audit(monitor.audit_record(step, new_mstate, mout))
+        if emergency:
+          # The state before the flagged update, with the monitor state of that moment, so a
+          # resume from this checkpoint replays step `step` exactly.
+          why = (f"anomaly at step {step}: {', '.join(convergence.reason_names(reason))} "
+                 f"(train/loss={metrics['train/loss']})")
+          mgr.emergency_save(step, _payload(state, probe_key, rel_guess, packed_monitor()),
+                             reason=why,
+                             metadata={**static_meta,
+                                       "data_position": _iterator_position(iterator)})
+          logging.warning("emergency checkpoint at step %d: %s", step, why)
+          emergency_at = step
+          new_mstate = new_mstate._replace(host=new_mstate.host._replace(
+              emergency_saves=jnp.int32(host_int("emergency_saves") + 1)))
+        mstate = new_mstate
+        if emergency or rollback or stop:
+          audit({"event": "anomaly", "step": step, "reasons": convergence.reason_names(reason),
+                 "train/loss": metrics["train/loss"], "emergency_checkpoint": emergency,
+                 "action": "rollback" if rollback else ("stop" if stop else "continue")})
+
+      if rollback:
+        # Back to the last good state, the state before the flagged update: the emergency
+        # checkpoint at this step is restored (checksums verified) and must equal the copy
+        # the loop still holds, which it continues from (arrays restored by Orbax are
+        # committed to a device and would make every jitted function compile again). The
+        # flagged update is skipped: its batch is dropped and the step counter advances,
+        # as in optax.apply_if_finite.
+        if mgr is not None and step in mgr.all_steps():
+          good = {"train": state, "host": {"rel_guess": rel_guess}}
+          restored = mgr.restore(step, checkpointing.abstract(
+              _payload(state, probe_key, rel_guess, packed_monitor()))).state
+          restored = {"train": restored["train"], "host": restored["host"]}
+          same = [np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(
+              jax.tree.leaves(jax.device_get(good)), jax.tree.leaves(jax.device_get(restored)))]
+          if not all(same):  # bit for bit (NaN probe diagnostics included)
+            raise RuntimeError(f"the emergency checkpoint at step {step} differs from the "
+                               "in-memory state it was written from; not rolling back.")
+        state = _canonical(state._replace(step=jnp.int32(step + 1)))
+        host(rollbacks=host_int("rollbacks") + 1)
+        logging.warning("rolled back at step %d: skipped the update of batch %d", step, step)
+      elif stop:
         diverged = step
         break
-      state = new_state
+      else:
+        state = new_state
       bar.update(1)
       if step % 10 == 0 or step == config.num_steps - 1:
         bar.set_postfix(_postfix(last_row), refresh=False)
-      if saving and step + 1 < config.num_steps and (step + 1) % ck.every == 0:
-        save(step + 1)
+
+      if monitor is not None:
+        if level < 3 and host_int("released"):
+          host(released=0)
+        promote(step)
+      done = step + 1
+      if saving and done < config.num_steps:
+        regular = done % ck.every == 0
+        if regular or done in boundaries:
+          save(done, step, force=not regular, reason=boundaries.get(done))
     if diverged is None:
       last_eval = {k: _to_python(v)
                    for k, v in jax.device_get(eval_step(state.params, eval_batch)).items()}
       writer.write(config.num_steps, last_eval)
       if saving and mgr.latest_step() != config.num_steps:
         last_eval_loss = {"eval/loss": last_eval["eval/loss"]}
-        save(config.num_steps, final=True)
+        forced = config.num_steps % ck.every != 0 or config.num_steps in boundaries
+        why = "; ".join(r for r in ("end of run" if config.num_steps % ck.every else None,
+                                    boundaries.get(config.num_steps)) if r)
+        save(config.num_steps, config.num_steps - 1, force=forced, reason=why or None)
   except BaseException:
     if mgr is not None:  # wait for a save in flight, but do not mask the error
       try:
@@ -553,7 +724,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   wall = time.perf_counter() - start
   steps_done = config.num_steps if diverged is None else diverged + 1
   jitted = {"train_step": train_step, "eval_step": eval_step, "lanczos": lanczos,
-            "preconditioned": precond, "relative": relative}
+            "preconditioned": precond, "relative": relative,
+            "monitor": monitor.update if monitor is not None else None}
   counts = {k: f._cache_size() for k, f in jitted.items() if f is not None}  # pylint: disable=protected-access
   compilations = max(counts.values())
   if compilations > 1:
@@ -569,8 +741,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"training loss became non-finite ({last_row.get('train/loss')}) at step {diverged} "
         f"(learning rate {lr:.4g}, λ_c {last_row.get('curv/critical_sharpness', float('nan')):.4g}"
         f", 2/η {2 / lr if lr else float('inf'):.4g}). Metrics up to and including that step "
-        f"are in {writer.path}; plots in {os.path.join(workdir, 'plots')}. Lower "
-        f"optimizer.learning_rate or set optimizer.grad_clip.")
+        f"are in {writer.path}; plots in {os.path.join(workdir, 'plots')}."
+        + (f" The state before that update is the emergency checkpoint {diverged} in "
+           f"{checkpointing.checkpoint_dir(workdir)}." if emergency_at == diverged else "")
+        + " Lower optimizer.learning_rate or set optimizer.grad_clip"
+        + ("." if monitor is None or config.monitor.rollback_on_anomaly else
+           ", or set monitor.rollback_on_anomaly=True to skip a poisoned update."))
 
   summary = {
       "steps": steps_done,
@@ -581,6 +757,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "steps_per_second": (steps_done - start_step) / wall if wall > 0 else float("inf"),
       "jit_compilations": compilations,
   }
+  if mstate is not None:
+    summary.update({
+        "monitor/p_converged": last_row.get("monitor/p_converged"),
+        "monitor/decision": last_row.get("monitor/decision"),
+        "monitor/anomalies": int(mstate.detector.total_flagged),
+        "monitor/emergency_saves": host_int("emergency_saves"),
+        "monitor/rollbacks": host_int("rollbacks"),
+    })
   logging.info("finished %d steps (%d in this process) in %.1f s (%.1f steps/s); final %s",
                steps_done, steps_done - start_step, wall, summary["steps_per_second"], last_eval)
   return summary

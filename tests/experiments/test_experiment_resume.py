@@ -59,6 +59,11 @@ def _lines(workdir):
     return f.read().splitlines()
 
 
+def _audit_lines(workdir):
+  with open(os.path.join(workdir, "audit.jsonl"), encoding="utf-8") as f:
+    return f.read().splitlines()
+
+
 def _steps(workdir):
   d = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(d):
@@ -116,6 +121,10 @@ def test_full_batch_resume_after_crash_and_corrupt_checkpoint_is_bit_exact(tmp_p
   assert _lines(resumed) == want
   assert "curv/lambda_max" in want[5] and "curv/directional_sharpness" in want[5]
   assert "eval/loss" in want[8]
+  # The monitor's rows (posterior, evidence, anomaly flags) and its audit log resume exactly:
+  # its detector, windows and network state travel in the checkpoint.
+  assert '"monitor/p_converged"' in want[5] and '"monitor/anomaly": 0' in want[5]
+  assert _audit_lines(resumed) == _audit_lines(straight)
   assert _steps(resumed) == [4, 8, 12] == _steps(straight)
   log = [json.loads(line) for line in open(os.path.join(resumed, "resume_log.jsonl"))]
   assert [(e["restored_step"], e["skipped_corrupt"], e["kept_metric_rows"]) for e in log] == [
@@ -182,6 +191,10 @@ def test_resume_false_moves_the_old_run_aside_and_overrides(tmp_path):
   assert [json.loads(line)["step"] for line in _lines(workdir)] == [0, 1, 2, 3]
   log = [json.loads(line) for line in open(os.path.join(workdir, "resume_log.jsonl"))]
   assert "num_steps: 2 → 3" in log[-1]["config_changes"]
+  # The first state under the new hyper-parameters is a forced save that says why.
+  ledger = json.load(open(os.path.join(workdir, "checkpoints", "tiers.json")))["records"]
+  assert ledger["3"]["kind"] == "forced"
+  assert "hyper-parameter change on resume: num_steps: 2 → 3" in ledger["3"]["reason"]
 
 
 def test_checkpoint_config_is_validated():
