@@ -312,9 +312,11 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
   # Anomalies: red lines on every panel (non-finite losses are absent from the loss curve).
   st, flag = series(rows, "monitor/anomaly")
   anomalies = st[flag > 0]
+  # Light, thin marks: runs at the edge of stability flag long stretches of consecutive steps,
+  # which at full opacity would hide the curves underneath.
   for ax in (axp, axe, axl):
     for j, a in enumerate(anomalies):
-      ax.axvline(a, color="red", lw=1.2, alpha=0.8,
+      ax.axvline(a, color="red", lw=0.6, alpha=0.12,
                  label="anomaly" if (j == 0 and ax is axl) else None)
   # Tier events: saves and promotions of checkpoints, coloured by tier, at the step they
   # happened (a save of checkpoint s happens after loop step s − 1).
