@@ -13,7 +13,6 @@ against the plain Adam baseline. Target (issue 3 §8): monitor step < 5 ms.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +21,11 @@ import optax
 
 from convergence import _anomaly as anomaly
 from convergence import _network as network
+from _timing import median_time  # benchmarks/_timing.py
 
 
 def _time(fn, *args, repeats: int) -> float:
-  """Median wall time of ``fn(*args)`` in seconds, after two warm-up calls."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return median_time(fn, *args, repeats=repeats, warmup=2)
 
 
 def main() -> None:

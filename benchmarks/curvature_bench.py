@@ -14,7 +14,6 @@ Lanczos within 10 % of 20 HVPs; zero recompilations.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +24,11 @@ from flax import nnx
 import curvature
 from experiments import data as data_lib
 from experiments import models
+from _timing import median_time  # benchmarks/_timing.py
 
 
 def _time(fn, *args, repeats: int) -> float:
-  """Median wall time of ``fn(*args)`` in seconds, after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return median_time(fn, *args, repeats=repeats, warmup=1)
 
 
 def gpt_setup(batch: int, seq: int, width: int, depth: int):

@@ -15,7 +15,6 @@ import pytest
 from flax import nnx
 
 from distill import _features as F
-from experiments.models import GPT
 
 
 def _ctx(dtype):
@@ -203,29 +202,10 @@ def test_bad_arguments_name_themselves(call, name):
 # ------------------------------------------------------------------ intermediates from the GPT
 
 
-def _random_gpt(depth, width, heads, seed, vocab=37, context=12):
-  """An ``experiments.models.GPT`` with NumPy-random parameters.
-
-  Shapes come from ``nnx.eval_shape``; the values are filled from NumPy, which skips the
-  per-shape compilation of eager NNX initialisers (seconds each on a busy CPU)."""
-  abstract = nnx.eval_shape(lambda: GPT(vocab, context, depth=depth, width=width,
-                                        num_heads=heads, rngs=nnx.Rngs(params=0)))
-  graph, state = nnx.split(abstract)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    v = rng.normal(size=x.shape).astype(np.float32)
-    return jnp.asarray(1 + 0.1 * v if "scale" in jax.tree_util.keystr(path) else 0.1 * v)
-
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill,
-                                                                  nnx.to_pure_dict(state)))
-  return nnx.merge(graph, state)
-
-
 @pytest.fixture(scope="module")
-def gpts():
+def gpts(random_gpt):
   """(teacher, student): 3 blocks of width 24 / 4 heads and 2 blocks of width 16 / 2 heads."""
-  return _random_gpt(3, 24, 4, 0), _random_gpt(2, 16, 2, 1)
+  return random_gpt(3, 24, 4, 0), random_gpt(2, 16, 2, 1)
 
 
 def test_intermediates_match_manual_recomputation(gpts):

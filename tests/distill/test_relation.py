@@ -15,7 +15,6 @@ from flax import nnx
 
 from distill import _features as F
 from distill import _relation as R
-from experiments.models import GPT
 
 
 def _np_softmax(z):
@@ -50,25 +49,6 @@ def _np_relation_loss(student, teacher, heads, relations, mask=None, causal=Fals
           rows += 1
     total += kls / rows
   return total
-
-
-def _random_gpt(depth, width, heads, seed, vocab=37, context=12):
-  """An ``experiments.models.GPT`` with NumPy-random parameters.
-
-  Shapes come from ``nnx.eval_shape``; the values are filled from NumPy, which skips the
-  per-shape compilation of eager NNX initialisers (seconds each on a busy CPU)."""
-  abstract = nnx.eval_shape(lambda: GPT(vocab, context, depth=depth, width=width,
-                                        num_heads=heads, rngs=nnx.Rngs(params=0)))
-  graph, state = nnx.split(abstract)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    v = rng.normal(size=x.shape).astype(np.float32)
-    return jnp.asarray(1 + 0.1 * v if "scale" in jax.tree_util.keystr(path) else 0.1 * v)
-
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill,
-                                                                  nnx.to_pure_dict(state)))
-  return nnx.merge(graph, state)
 
 
 def _feats(rng, b, t, d, scale=1.0):
@@ -137,9 +117,9 @@ def test_bf16_inputs_compute_in_float32():
   assert out.dtype == jnp.float32 and float(out) >= 0
 
 
-def test_relations_from_real_gpts_of_different_widths():
-  teacher = _random_gpt(2, 24, 4, 0, vocab=29, context=8)
-  student = _random_gpt(1, 12, 2, 1, vocab=29, context=8)
+def test_relations_from_real_gpts_of_different_widths(random_gpt):
+  teacher = random_gpt(2, 24, 4, 0, vocab=29, context=8)
+  student = random_gpt(1, 12, 2, 1, vocab=29, context=8)
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 29)
   t_graph, t_params = nnx.split(teacher, nnx.Param)
   s_graph, s_params = nnx.split(student, nnx.Param)

@@ -14,7 +14,6 @@ import json
 import os
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
@@ -24,9 +23,7 @@ from experiments import config_lib
 from experiments import monitoring
 from experiments import trainer
 
-_CACHE_OPTIONS = {"jax_compilation_cache_dir": None,
-                  "jax_persistent_cache_min_compile_time_secs": 0.0,
-                  "jax_persistent_cache_min_entry_size_bytes": -1}
+pytestmark = pytest.mark.usefixtures("compile_cache")
 NAN_STEP = 7
 # Short windows: the evidence baseline exists after 8 steps, so the posterior moves in 16.
 # threshold / tier_thresholds are low enough for this run's P(converged) ≈ 0.53 at step 7 to
@@ -37,19 +34,6 @@ BASE = {"num_steps": 16, "progress_bar": False, "plots": False, "probe.lanczos_e
         "eval_every": 4, "schedule.warmup_steps": 3, "monitor.short_window": 2,
         "monitor.long_window": 20, "monitor.history": 8, "monitor.half_life": 5.0,
         "monitor.threshold": 0.5, "monitor.tier_thresholds": (0.3, 0.45)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  saved = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
-  compilation_cache.reset_cache()
-  for k, v in {**_CACHE_OPTIONS, "jax_compilation_cache_dir": path}.items():
-    jax.config.update(k, v)
-  yield path
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
 
 
 def _config(**overrides):

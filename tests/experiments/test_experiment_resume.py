@@ -17,8 +17,6 @@ import subprocess
 import sys
 import time
 
-import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
@@ -27,23 +25,7 @@ from experiments import config_lib
 from experiments import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_CACHE_OPTIONS = {"jax_compilation_cache_dir": None,
-                  "jax_persistent_cache_min_compile_time_secs": 0.0,
-                  "jax_persistent_cache_min_entry_size_bytes": -1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module only (restored afterwards)."""
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  saved = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
-  compilation_cache.reset_cache()
-  for k, v in {**_CACHE_OPTIONS, "jax_compilation_cache_dir": path}.items():
-    jax.config.update(k, v)
-  yield path
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 class Interrupted(Exception):
