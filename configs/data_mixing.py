@@ -26,14 +26,16 @@ loss at every step size (marked ✕ in the plot): code and prose updates barely 
 
 from experiments.config_lib import default_config
 
+PRESETS = ("full", "smoke")  # listed by `experiments.run --help`
+
 
 def get_config(arg: str = ""):
   """Config for ``arg`` = 'full' (default) or 'smoke'."""
   presets = [p for p in arg.split(",") if p] if arg else []
-  unknown = set(presets) - {"full", "smoke"}
+  unknown = set(presets) - set(PRESETS)
   if unknown:
     raise ValueError(f"unknown preset(s) {sorted(unknown)} for data_mixing.py; "
-                     "accepted: 'full', 'smoke'.")
+                     f"accepted: {', '.join(map(repr, PRESETS))}.")
   c = default_config()
   c.seed = 0  # model init, data shuffles, probe start vectors
   c.num_steps = 600  # optimizer steps

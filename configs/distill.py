@@ -1,4 +1,4 @@
-r"""Distillation: a tiny GPT teacher → a smaller GPT student on the stdlib code corpus (issue 4 §4).
+r"""Distillation: a tiny GPT teacher → a smaller GPT student on the stdlib code corpus.
 
 The runner (``experiments.run``) sees the ``distill`` block and calls
 ``experiments.distillation.distill_and_evaluate``: the teacher (``distill.teacher``) is trained
@@ -85,13 +85,14 @@ from experiments.config_lib import default_config
 
 METHODS = ("ce", "hinton", "features", "temporal", "fused")
 MODIFIERS = ("adaptive", "smoke")
+PRESETS = METHODS + MODIFIERS  # listed by `experiments.run --help`
 
 
 def get_config(arg: str = ""):
   """Config for ``arg`` = a comma list of presets: one method of METHODS (default 'hinton'),
   optionally 'adaptive' (the controller on) and 'smoke' (tiny and fast)."""
   presets = [p for p in arg.split(",") if p] if arg else []
-  unknown = set(presets) - set(METHODS) - set(MODIFIERS)
+  unknown = set(presets) - set(PRESETS)
   if unknown:
     raise ValueError(f"unknown preset(s) {sorted(unknown)} for distill.py; accepted: one of "
                      f"{list(METHODS)} plus any of {list(MODIFIERS)}.")

@@ -28,14 +28,16 @@ and stays on it; λ_c jumps from ~3 to 2/η at the same step and oscillates arou
 
 from experiments.config_lib import default_config
 
+PRESETS = ("gd", "adam", "smoke")  # combined with commas; listed by `experiments.run --help`
+
 
 def get_config(arg: str = ""):
   """Config for ``arg`` = comma-separated presets: '' / 'gd', 'adam', 'smoke'."""
   presets = [p for p in arg.split(",") if p] if arg else []
-  unknown = set(presets) - {"gd", "adam", "smoke"}
+  unknown = set(presets) - set(PRESETS)
   if unknown:
     raise ValueError(f"unknown preset(s) {sorted(unknown)} for edge_of_stability.py; "
-                     "accepted: 'gd', 'adam', 'smoke' (comma-separated).")
+                     f"accepted: {', '.join(map(repr, PRESETS))} (comma-separated).")
   c = default_config()
   c.seed = 0  # model init, data split and Lanczos start vectors
   c.num_steps = 2000  # full-batch GD steps

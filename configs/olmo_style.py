@@ -27,14 +27,16 @@ the stable phase, ~400 (WSD) / ~700 (cosine) at the end), always below 2/η.
 
 from experiments.config_lib import default_config
 
+PRESETS = ("wsd", "cosine", "smoke")  # combined with commas; listed by `experiments.run --help`
+
 
 def get_config(arg: str = ""):
   """Config for ``arg`` = comma-separated presets: 'wsd' (default), 'cosine', 'smoke'."""
   presets = [p for p in arg.split(",") if p] if arg else []
-  unknown = set(presets) - {"wsd", "cosine", "smoke"}
+  unknown = set(presets) - set(PRESETS)
   if unknown:
     raise ValueError(f"unknown preset(s) {sorted(unknown)} for olmo_style.py; "
-                     "accepted: 'wsd', 'cosine', 'smoke' (comma-separated).")
+                     f"accepted: {', '.join(map(repr, PRESETS))} (comma-separated).")
   c = default_config()
   c.seed = 0  # model init, data shuffle, Lanczos start vectors
   c.num_steps = 600  # optimizer steps

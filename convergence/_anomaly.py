@@ -14,6 +14,38 @@ a jit-able ``(init, update)`` detector flags
 Only increases count as spikes or shifts (a falling loss is not an anomaly). The reason is a
 bit mask, so one step can carry several reasons (:func:`reason_names` decodes it).
 
+Edge of stability (issue 9 §5). Under full-batch GD (and Adam, Cohen et al. 2021, 2022) the
+sharpness rises to the stability threshold and the run then *oscillates* there: η·λ_c climbs
+from ≪ 2 to ≈ 2 within a few dozen steps, the gradient norm grows along the sharp direction
+(×57 in ``configs/edge_of_stability.py``), the loss rises (×3) and falls back, and η·λ_c keeps
+hovering around 2. Those spikes are the dynamics under study, not faults. The detector
+therefore keeps an *edge context*: within the last ``eos_window`` steps, a measured η·λ_c was
+at the edge — inside the band ``eos_band × lr_sharpness_limit`` (default [0.5, 2.5]: near or
+oscillating around 2) or risen to ``eos_rise`` (10) times its own window median (approaching
+it) — and the last measured η·λ_c is not beyond the band. A spike, level shift or sustained
+η·λ_c > limit in that context is classified as edge-of-stability oscillation: its bits go to
+``info.eos_reason`` instead of ``info.reason``, ``info.eos`` is set and ``info.flag`` is not.
+Still anomalies, whatever the context: a non-finite value (``REASON_NONFINITE`` stays in
+``reason``; the step's other reasons are still classified, so the report names the fault, not
+the oscillation around it); a loss above ``eos_max_loss_ratio`` × the window median (the loss
+excess of an oscillation is bounded by its amplitude — ×3 here — while an injected ×1e4 fault
+is not; the gradient norm gets no such cap, since its excursion grows as the baseline
+gradient vanishes); anything while η·λ_c lies steadily below the band (a spike at η·λ_c ≪ 2)
+or beyond it (η·λ_c ≫ 2: divergence, not oscillation). Why the rise test: the gradient-norm
+spike that opens an excursion comes while η·λ_c is still climbing. Along GD's update the
+critical sharpness is the gradient-weighted mean curvature, so when a component along a
+direction of curvature ≈ 2/η has grown the gradient norm by a factor r, η·λ_c ≈ 2(1 − 1/r²):
+0.54 and 0.68 at the two onsets of the reference run (r ≈ 1.1–1.2, crossing 2 twelve to
+twenty steps later), but ≈ 0.1 for r = 1.03, which a detector flags on a flat gradient-norm
+baseline. What does tell such an onset from a fault is that η·λ_c left its own baseline
+(×50–×200 at those onsets) rather than its level.
+
+For the convergence network the detector also counts the steps since the last loss level
+shift and since the last measured η·λ_c above the limit (``info.steps_since_level_shift``,
+``info.steps_since_lr_above_limit``; :data:`NEVER` before the first), whatever the
+classification: an oscillating run is not a converged one
+(``convergence.convergence_network``'s ``settle_window``).
+
 :func:`anomaly_guard` wraps an optimizer, in the spirit of ``optax.apply_if_finite``: a step
 whose anomaly reason matches ``skip_on`` returns zero updates and keeps the inner state (so a
 NaN never reaches Adam's moments), at most ``max_consecutive_skips`` times in a row.
@@ -44,6 +76,7 @@ REASON_NAMES = {REASON_NONFINITE: "nonfinite", REASON_SPIKE: "spike",
 STREAMS = ("loss", "grad_norm", "update_norm")
 
 _MAD_TO_SD = 1.4826  # MAD of a Gaussian is 0.6745 σ
+NEVER = 2 ** 30  # a "steps since" counter before its first event (saturates there)
 
 
 def reason_names(code: int) -> list[str]:
@@ -79,6 +112,14 @@ class AnomalyInfo(NamedTuple):
       for a missing stream).
     shift_z: (3,) robust z of the short-window median against the long window.
     unstable_run: consecutive measured steps with η·λ_c above the limit.
+    eos: this step's spike / shift / unstable-η·λ_c reasons were classified as
+      edge-of-stability oscillation (then ``eos_reason`` ≠ 0 and they are not in ``reason``).
+    eos_reason: bit mask of the ``REASON_*`` so classified (0 when ``eos`` is False).
+    edge: the edge context holds at this step (η·λ_c at the edge within ``eos_window``).
+    eos_run: consecutive steps classified as edge-of-stability oscillation.
+    steps_since_level_shift: steps since the last loss level shift (this step = 0), of any
+      classification; :data:`NEVER` before the first.
+    steps_since_lr_above_limit: steps since the last measured η·λ_c above the limit.
   """
 
   flag: jax.Array
@@ -86,16 +127,36 @@ class AnomalyInfo(NamedTuple):
   spike_z: jax.Array
   shift_z: jax.Array
   unstable_run: jax.Array
+  eos: jax.Array
+  eos_reason: jax.Array
+  edge: jax.Array
+  eos_run: jax.Array
+  steps_since_level_shift: jax.Array
+  steps_since_lr_above_limit: jax.Array
 
 
 class AnomalyState(NamedTuple):
-  """Detector state: a (window, 3) ring of past values, its write position, counters, info."""
+  """Detector state: a (window, 3) ring of past values, its write position, counters, info.
+
+  ``lr_history`` is a (window,) ring of measured η·λ_c (NaN: not measured), written at
+  ``position`` like ``history``; ``last_lr_sharpness`` the last measured η·λ_c (NaN before the
+  first); ``steps_since_edge`` the steps since a measured η·λ_c was at the edge (in the band
+  or rising); ``total_eos`` the steps classified as edge-of-stability oscillation
+  (``total_flagged`` counts anomalies only).
+  """
 
   count: jax.Array
   history: jax.Array
+  lr_history: jax.Array
   position: jax.Array
   unstable_run: jax.Array
   total_flagged: jax.Array
+  last_lr_sharpness: jax.Array
+  steps_since_edge: jax.Array
+  steps_since_level_shift: jax.Array
+  steps_since_lr_above_limit: jax.Array
+  eos_run: jax.Array
+  total_eos: jax.Array
   info: AnomalyInfo
 
 
@@ -109,7 +170,10 @@ class AnomalyDetector(NamedTuple):
 def _empty_info() -> AnomalyInfo:
   nan3 = jnp.full((3,), jnp.nan, jnp.float32)
   return AnomalyInfo(flag=jnp.bool_(False), reason=jnp.int32(0), spike_z=nan3, shift_z=nan3,
-                     unstable_run=jnp.int32(0))
+                     unstable_run=jnp.int32(0), eos=jnp.bool_(False), eos_reason=jnp.int32(0),
+                     edge=jnp.bool_(False), eos_run=jnp.int32(0),
+                     steps_since_level_shift=jnp.int32(NEVER),
+                     steps_since_lr_above_limit=jnp.int32(NEVER))
 
 
 def anomaly_detector(
@@ -121,6 +185,10 @@ def anomaly_detector(
     min_history: int = 16,
     lr_sharpness_limit: float = 2.0,
     sustain: int = 20,
+    eos_window: int = 32,
+    eos_band: tuple[float, float] = (0.25, 1.25),
+    eos_rise: float = 10.0,
+    eos_max_loss_ratio: float = 100.0,
 ) -> AnomalyDetector:
   """Streaming anomaly detector over (loss, grad norm, update norm, η·λ_c); O(window) memory.
 
@@ -141,6 +209,15 @@ def anomaly_detector(
     min_history: finite values needed before spike / shift tests.
     lr_sharpness_limit: the η·λ_c limit (2 for the loss-rise criterion).
     sustain: consecutive measured steps above the limit before ``REASON_UNSTABLE_LR``.
+    eos_window: steps after a measured η·λ_c at the edge (in the band or rising) during
+      which spikes, shifts and sustained η·λ_c > limit are edge-of-stability oscillation
+      (module docstring); 0 turns the classification off (every one is an anomaly). Without
+      an ``lr_sharpness`` stream the context never holds.
+    eos_band: (low, high) fractions of ``lr_sharpness_limit``: the edge band of η·λ_c.
+    eos_rise: a measured η·λ_c at least this multiple of the median of the window's
+      measured values (once it holds ``min_history`` of them) is at the edge too.
+    eos_max_loss_ratio: a loss above this multiple of the window median is an anomaly even
+      in the edge context.
 
   Returns:
     An :class:`AnomalyDetector` of pure, jit-able closures.
@@ -156,12 +233,28 @@ def anomaly_detector(
   if not (spike_threshold > 0 and shift_threshold > 0):
     raise ValueError("`spike_threshold` and `shift_threshold` must be > 0, got "
                      f"{spike_threshold!r}, {shift_threshold!r}")
+  if not isinstance(eos_window, int) or eos_window < 0:
+    raise ValueError(f"`eos_window` must be an int >= 0 (0 = off), got {eos_window!r}")
+  if not (len(eos_band) == 2 and 0 <= eos_band[0] <= 1 <= eos_band[1]):
+    raise ValueError("`eos_band` must be (low, high) fractions of `lr_sharpness_limit` with "
+                     f"0 <= low <= 1 <= high, got {eos_band!r}")
+  if not (eos_max_loss_ratio > 1 and eos_rise > 1):
+    raise ValueError("`eos_max_loss_ratio` and `eos_rise` must be > 1, got "
+                     f"{eos_max_loss_ratio!r}, {eos_rise!r}")
+  edge_lo = float(eos_band[0]) * lr_sharpness_limit
+  edge_hi = float(eos_band[1]) * lr_sharpness_limit
+  classified = REASON_SPIKE | REASON_LEVEL_SHIFT | REASON_UNSTABLE_LR  # may be oscillation
 
   def init_fn() -> AnomalyState:
+    never = jnp.int32(NEVER)
     return AnomalyState(count=jnp.int32(0),
                         history=jnp.full((window, 3), jnp.nan, jnp.float32),
+                        lr_history=jnp.full((window,), jnp.nan, jnp.float32),
                         position=jnp.int32(0), unstable_run=jnp.int32(0),
-                        total_flagged=jnp.int32(0), info=_empty_info())
+                        total_flagged=jnp.int32(0),
+                        last_lr_sharpness=jnp.float32(jnp.nan), steps_since_edge=never,
+                        steps_since_level_shift=never, steps_since_lr_above_limit=never,
+                        eos_run=jnp.int32(0), total_eos=jnp.int32(0), info=_empty_info())
 
   def update_fn(state: AnomalyState, *, loss=None, grad_norm=None, update_norm=None,
                 lr_sharpness=None) -> AnomalyState:
@@ -185,25 +278,54 @@ def anomaly_detector(
     shift_z = jnp.where(enough & present, robust_zscore(short_med, hist), jnp.nan)
     shift = jnp.any(jnp.isfinite(shift_z) & (shift_z > shift_threshold))
 
-    if lr_sharpness is None:
-      run = state.unstable_run
-    else:
-      s = jnp.asarray(lr_sharpness, jnp.float32)
-      run = jnp.where(jnp.isfinite(s),
-                      jnp.where(s > lr_sharpness_limit, state.unstable_run + 1, 0),
-                      state.unstable_run)
+    s = jnp.float32(jnp.nan) if lr_sharpness is None else jnp.asarray(lr_sharpness,
+                                                                        jnp.float32)
+    measured = jnp.isfinite(s)  # NaN: not measured this step, the counters hold
+    run = jnp.where(measured, jnp.where(s > lr_sharpness_limit, state.unstable_run + 1, 0),
+                    state.unstable_run)
     unstable = run >= sustain
 
     reason = (jnp.where(nonfinite, REASON_NONFINITE, 0) | jnp.where(spike, REASON_SPIKE, 0)
               | jnp.where(shift, REASON_LEVEL_SHIFT, 0)
               | jnp.where(unstable, REASON_UNSTABLE_LR, 0)).astype(jnp.int32)
+
+    # Edge context: η·λ_c measured in the band or rising eos_rise-fold above its window
+    # median, within eos_window steps (this one included), and the last one not beyond it.
+    since = lambda hit, old: jnp.where(hit, 0, jnp.minimum(old + 1, NEVER)).astype(jnp.int32)
+    lr_hist = state.lr_history
+    rising = ((jnp.sum(jnp.isfinite(lr_hist)) >= min_history)
+              & (s >= eos_rise * jnp.nanmedian(lr_hist)))  # NaN median compares False
+    steps_since_edge = since(measured & ((s >= edge_lo) | rising) & (s <= edge_hi),
+                             state.steps_since_edge)
+    last = jnp.where(measured, s, state.last_lr_sharpness)
+    edge = (steps_since_edge < eos_window) & ~(last > edge_hi)
+    # A loss far above its baseline is a fault even at the edge (NaN median: no cap yet).
+    med_loss = jnp.nanmedian(hist[:, 0])
+    too_high = present[0] & (x[0] > med_loss + (eos_max_loss_ratio - 1) * jnp.abs(med_loss))
+    oscillation = edge & ~too_high & ((reason & classified) != 0)
+    eos_reason = jnp.where(oscillation, reason & classified, 0).astype(jnp.int32)
+    reason = jnp.where(oscillation, reason & ~classified, reason).astype(jnp.int32)
     flag = reason != 0
+    eos_run = jnp.where(oscillation, state.eos_run + 1, 0).astype(jnp.int32)
+    since_shift = since(jnp.isfinite(shift_z[0]) & (shift_z[0] > shift_threshold),
+                        state.steps_since_level_shift)
+    since_above = since(measured & (s > lr_sharpness_limit), state.steps_since_lr_above_limit)
+
     info = AnomalyInfo(flag=flag, reason=reason, spike_z=spike_z, shift_z=shift_z,
-                       unstable_run=run.astype(jnp.int32))
+                       unstable_run=run.astype(jnp.int32), eos=oscillation,
+                       eos_reason=eos_reason, edge=edge, eos_run=eos_run,
+                       steps_since_level_shift=since_shift,
+                       steps_since_lr_above_limit=since_above)
     return AnomalyState(count=optax.safe_increment(state.count), history=new_hist,
+                        lr_history=lr_hist.at[state.position].set(jnp.where(measured, s,
+                                                                            jnp.nan)),
                         position=(state.position + 1) % window,
                         unstable_run=run.astype(jnp.int32),
-                        total_flagged=state.total_flagged + flag.astype(jnp.int32), info=info)
+                        total_flagged=state.total_flagged + flag.astype(jnp.int32),
+                        last_lr_sharpness=last, steps_since_edge=steps_since_edge,
+                        steps_since_level_shift=since_shift,
+                        steps_since_lr_above_limit=since_above, eos_run=eos_run,
+                        total_eos=state.total_eos + oscillation.astype(jnp.int32), info=info)
 
   return AnomalyDetector(init=init_fn, update=update_fn)
 
@@ -256,7 +378,9 @@ def anomaly_guard(
   stay at their last good values — unless this is more than ``max_consecutive_skips``
   anomalous steps in a row, when it gives up and applies the update (the semantics of
   ``apply_if_finite``'s ``max_consecutive_errors``; ``total_skipped`` never resets). The
-  verdict is in ``state.info`` (use ``info.flag`` to trigger an emergency checkpoint).
+  verdict is in ``state.info`` (use ``info.flag`` to trigger an emergency checkpoint). With
+  ``lr_sharpness`` given, spikes classified as edge-of-stability oscillation (module docstring)
+  are not anomalies, so they are never skipped.
 
   Wrap the optimizer rather than appending the guard to a chain: a guard placed after Adam
   would zero the update but leave the NaN in Adam's moments::

@@ -24,6 +24,17 @@ node. Older evidence decays at a per-metric rate: the accumulated log-likelihood
 as λ^(ρ^a) (a tempered likelihood). Fast, noisy metrics (gradients) get a short half-life,
 slow ones (generalisation) a long one.
 
+Unsettled dynamics (issue 9 §5). A run whose loss shifted level, or whose η·λ_c exceeded the
+stability limit, within the last ``settle_window`` steps is not converged, however settled the
+windowed evidence looks (at the edge of stability the loss falls smoothly for hundreds of
+steps between excursions). The context carries the two ages
+(``ConflictContext.steps_since_level_shift``, ``steps_since_lr_above_limit``, e.g. from
+``convergence.anomaly_detector``); while either is below ``settle_window`` the converged node
+receives the observation "unsettled" with likelihood ratio λ(C=1)/λ(C=0) =
+``unsettled_likelihood_ratio`` (default 1e-3: P(converged) falls to ≈ 0.01 from the default
+tables' 0.95 ceiling) and the decision is "not converged" even if a conflict would freeze a
+previous "converged" (``NetworkInfo.unsettled``). Unknown ages (NaN) add nothing.
+
 The maths is pure (``posterior``, ``convergence_network(...).update``); the only side effect,
 appending JSON lines to the audit log, lives in :class:`AuditLog`.
 """
@@ -241,6 +252,10 @@ class ConflictContext(NamedTuple):
     nonfinite_rate: fraction of recent steps with non-finite values or loss-scale reductions.
     data_drift: standardised drift of input / batch statistics (or of held-out loss variance
       across batches) from their long-run baseline.
+    steps_since_level_shift: steps since the training loss last shifted level (0 = this
+      step; inf = never; NaN = unknown). Read by the unsettled rule, not by the cause rules.
+    steps_since_lr_above_limit: steps since η·λ_c was last measured above the stability
+      limit (same conventions).
   """
 
   lr_sharpness: jax.Array
@@ -249,6 +264,8 @@ class ConflictContext(NamedTuple):
   grad_norm_z: jax.Array
   nonfinite_rate: jax.Array
   data_drift: jax.Array
+  steps_since_level_shift: jax.Array = math.nan
+  steps_since_lr_above_limit: jax.Array = math.nan
 
 
 def unknown_context() -> ConflictContext:
@@ -362,8 +379,10 @@ class NetworkInfo(NamedTuple):
     node_llr: (4,) decayed evidence log-likelihood ratio per node.
     wanted: whether the posterior alone says converged (P(C=1) ≥ threshold).
     decision: the decision after freezing (``DECISION_*``).
-    frozen: whether a conflict froze the decision this step.
+    frozen: whether a conflict froze the decision this step (never while unsettled).
     conflict: the :class:`Conflict` of this step.
+    unsettled: a loss level shift or η·λ_c above the limit lies inside the settle window:
+      the converged node got the "unsettled" observation and the decision is "not converged".
   """
 
   marginals: jax.Array
@@ -373,6 +392,7 @@ class NetworkInfo(NamedTuple):
   decision: jax.Array
   frozen: jax.Array
   conflict: Conflict
+  unsettled: jax.Array
 
 
 class NetworkState(NamedTuple):
@@ -402,6 +422,8 @@ def convergence_network(
     threshold: float = 0.95,
     conflict_threshold: float = math.log(9.0),
     rules: Sequence[CauseRule] = DEFAULT_RULES,
+    settle_window: float = 200.0,
+    unsettled_likelihood_ratio: float = 1e-3,
 ) -> ConvergenceNetwork:
   r"""Streaming convergence judgement: decayed soft evidence → exact posterior → decision.
 
@@ -411,7 +433,10 @@ def convergence_network(
   (:math:`\ell_t=\rho_m\ell_{t-1}+o_t`), computes the exact posterior (:func:`posterior`),
   checks for conflicts (:func:`detect_conflict`), and decides: converged when
   P(C = 1 | e) ≥ ``threshold``; while a conflict is active the decision is *frozen* at its
-  previous value (neither promoted nor demoted) until the conflict resolves.
+  previous value (neither promoted nor demoted) until the conflict resolves. While the
+  context reports a loss level shift or η·λ_c above the limit less than ``settle_window``
+  steps ago, the run is *unsettled* (module docstring): hard evidence against the converged
+  node and the decision "not converged", frozen or not.
 
   Example::
 
@@ -428,6 +453,11 @@ def convergence_network(
     threshold: posterior probability of C = 1 needed to call the run converged.
     conflict_threshold: |log-likelihood ratio| both sides of a pair must exceed.
     rules: the cause library (:data:`DEFAULT_RULES`; add your own :class:`CauseRule`).
+    settle_window: steps a level shift or η·λ_c > limit keeps the run unsettled: the
+      evidence window, the span of samples the evidence depends on
+      (``experiments.monitoring`` passes its metrics' largest long window or baseline span);
+      ``inf``: forever, 0: never.
+    unsettled_likelihood_ratio: λ(C=1)/λ(C=0) of the "unsettled" observation, in (0, 1].
 
   Returns:
     A :class:`ConvergenceNetwork` of pure, jit-able closures; tables live in the state
@@ -457,19 +487,34 @@ def convergence_network(
   rules = tuple(rules)
   if not rules:
     raise ValueError("`rules` must hold at least one CauseRule")
+  if not settle_window >= 0:
+    raise ValueError(f"`settle_window` must be >= 0 (inf allowed), got {settle_window!r}")
+  if not 0.0 < unsettled_likelihood_ratio <= 1.0:
+    raise ValueError("`unsettled_likelihood_ratio` must lie in (0, 1], got "
+                     f"{unsettled_likelihood_ratio!r}")
   node_idx = jnp.asarray(nodes, jnp.int32)
   num_metrics = len(nodes)
+  # The "unsettled" observation on the converged node, centred like soft_likelihood's rows.
+  half = 0.5 * math.log(unsettled_likelihood_ratio)
+  unsettled_row = jnp.zeros((NUM_NODES, 2), jnp.float32).at[3].set(
+      jnp.asarray([-half, half], jnp.float32))
 
   def _step(tables, log_lik, previous, context):
+    ages = jnp.stack([jnp.asarray(context.steps_since_level_shift, jnp.float32),
+                      jnp.asarray(context.steps_since_lr_above_limit, jnp.float32)])
+    unsettled = jnp.any(ages < settle_window)  # NaN (unknown) compares False
     nll = node_log_likelihood(log_lik, node_idx)
+    nll = nll + jnp.where(unsettled, unsettled_row, 0.0)
     post = posterior(tables, nll)
     llr = nll[:, 1] - nll[:, 0]
     conflict = detect_conflict(llr, context, threshold=conflict_threshold, rules=rules)
     wanted = post.marginals[3] >= threshold
-    decision = jnp.where(conflict.active, previous, wanted.astype(jnp.int32))
+    frozen = conflict.active & ~unsettled
+    decision = jnp.where(unsettled, DECISION_NOT_CONVERGED,
+                         jnp.where(frozen, previous, wanted.astype(jnp.int32)))
     return NetworkInfo(marginals=post.marginals, log_evidence=post.log_evidence,
-                       node_llr=llr, wanted=wanted, decision=decision,
-                       frozen=conflict.active, conflict=conflict)
+                       node_llr=llr, wanted=wanted, decision=decision.astype(jnp.int32),
+                       frozen=frozen, conflict=conflict, unsettled=unsettled)
 
   def init_fn(tables: ConvergenceTables | None = None) -> NetworkState:
     tables = check_tables(default_tables() if tables is None else tables)
@@ -622,9 +667,20 @@ def decision_record(step: int, info: NetworkInfo, *,
   causes = [{"cause": rnames[i], "prob": _jsonable(probs[i])} for i in rank]
   pair = CONFLICT_PAIRS[int(c.pair)]
   frozen = bool(info.frozen)
+  unsettled = bool(info.unsettled)
   decision = "converged" if int(info.decision) == DECISION_CONVERGED else "not_converged"
   p_c = marg[3]
-  if frozen:
+  if unsettled:
+    why = []
+    if context is not None:
+      for field, what in (("steps_since_level_shift", "loss level shift"),
+                          ("steps_since_lr_above_limit", "η·λ_c above the limit")):
+        age = np.asarray(getattr(context, field), np.float64)
+        if np.isfinite(age):
+          why.append(f"{what} {int(age)} steps ago")
+    reason = (f"not converged: unsettled dynamics inside the evidence window"
+              f"{' (' + '; '.join(why) + ')' if why else ''}; P(converged)={p_c:.4f}")
+  elif frozen:
     a, b = NODES[pair[0]], NODES[pair[1]]
     sa = "+" if llr[pair[0]] > 0 else "-"
     sb = "+" if llr[pair[1]] > 0 else "-"
@@ -643,6 +699,7 @@ def decision_record(step: int, info: NetworkInfo, *,
       "decision": decision,
       "wanted": bool(info.wanted),
       "frozen": frozen,
+      "unsettled": unsettled,
       "conflict": {"active": bool(c.active), "pair": [NODES[pair[0]], NODES[pair[1]]],
                    "strength": _jsonable(c.strength), "causes": causes},
       "reason": reason,

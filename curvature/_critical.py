@@ -181,7 +181,7 @@ def critical_sharpness(
     A :class:`CriticalSharpness`.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> loss = lambda p: 0.5 * 4.0 * jnp.sum(p ** 2)          # Hessian 4 I
     >>> theta = jnp.ones(3)
     >>> out = critical_sharpness(loss, theta, jax.grad(loss)(theta))

@@ -440,6 +440,13 @@ def hessian_eigenvalues(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, 
   Reference: C. Lanczos, J. Res. Nat. Bur. Standards 45 (1950); K. Wu & H. Simon,
   "Thick-restart Lanczos method for large symmetric eigenvalue problems" (2000); as a
   Hessian probe, Ghorbani, Krishnan & Xiao, ICML 2019 (arXiv 1901.10159).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> loss = lambda p: 0.5 * jnp.sum(jnp.arange(1.0, 6.0) * p ** 2)   # H = diag(1, ..., 5)
+    >>> out = hessian_eigenvalues(loss, jnp.zeros(5), k=2)
+    >>> [round(float(e), 4) for e in out.eigenvalues], bool(out.converged)
+    ([5.0, 4.0], True)
   """
   _hvp.check_loss_fn(loss_fn, params)
   matvec = lambda v: _hvp.hvp(loss_fn, params, cast_like(v, params))

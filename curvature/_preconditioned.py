@@ -114,6 +114,13 @@ def preconditioned_sharpness(loss_fn: Callable[[PyTree], jax.Array], params: PyT
   Returns:
     :class:`HessianEigenvalues` of :math:`P^{-1/2} H P^{-1/2}`; eigenvectors (if asked) are
     those of that symmetric matrix, i.e. in the coordinates :math:`P^{1/2}\theta`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> loss = lambda p: 0.5 * (p[0] ** 2 + 100.0 * p[1] ** 2)          # H = diag(1, 100)
+    >>> out = preconditioned_sharpness(loss, jnp.zeros(2), jnp.array([1.0, 25.0]))
+    >>> round(float(out.eigenvalues[0]), 4)                              # P⁻¹H = diag(1, 4)
+    4.0
   """
   _hvp.check_loss_fn(loss_fn, params)
   if isinstance(preconditioner, optax.ScaleByAdamState):

@@ -212,6 +212,23 @@ def critical_sharpness_probe(
     keyword ``value_fn``; ``value`` and ``grad`` are optional (``grad`` must be the gradient
     of ``value_fn`` at ``params``; it only places trials, so a wrong one costs evaluations,
     not accuracy); other extra args are ignored.
+
+  Example (on the quadratic ½θᵀAθ, λ_c and the directional sharpness both equal
+  gᵀAg/gᵀg along the gradient g = Aθ: here (1 + 27)/(1 + 9) = 2.8):
+    >>> import jax, jax.numpy as jnp, optax, curvature
+    >>> loss_fn = lambda p, batch: 0.5 * jnp.sum(batch * p ** 2)      # A = diag(batch)
+    >>> params, batch = jnp.ones(2), jnp.array([1.0, 3.0])
+    >>> tx = optax.chain(
+    ...     curvature.critical_sharpness_probe(learning_rate=0.5, directional=True),
+    ...     optax.scale_by_learning_rate(0.5))
+    >>> loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    >>> updates, state = tx.update(grads, tx.init(params), params, value=loss, grad=grads,
+    ...                            value_fn=lambda p: loss_fn(p, batch))
+    >>> info = state[0].info
+    >>> round(float(info.sharpness), 2), round(float(info.directional_sharpness), 4)
+    (2.8, 2.8)
+    >>> round(float(info.lr_sharpness), 2)          # η·λ_c < 2: this step lowers the loss
+    1.4
   """
   _check_probe_args(every, step_guess, tol_power, max_evals, growth, method)
   nan = jnp.asarray(jnp.nan, jnp.float32)
@@ -437,10 +454,34 @@ def probe_metrics(opt_state: PyTree, prefix: str = "curv/") -> dict[str, jax.Arr
   """Collects the diagnostics of every losslab probe inside an optax state into flat metrics.
 
   Names: ``curv/critical_sharpness``, ``curv/step_size``, ``curv/num_evals``,
-  ``curv/lr_sharpness``, ``curv/status``, ``curv/directional_sharpness`` (when measured),
-  ``curv/relative/<name>`` and ``curv/relative_lr/<name>``, ``curv/lr_scale`` for the
-  controller. When a chain holds several probes of one kind, later ones get a ``_<i>``
-  suffix. Works inside or outside jit.
+  ``curv/lr_sharpness``, ``curv/status``, ``curv/directional_sharpness``,
+  ``curv/relative/<name>``, ``curv/relative_lr/<name>`` and ``curv/relative_evals/<name>``,
+  ``curv/lr_scale`` for the controller. When a chain holds several probes of one kind, later
+  ones get a ``_<i>`` suffix. Works inside or outside jit.
+
+  ``curv/directional_sharpness`` is present for every :func:`critical_sharpness_probe` and
+  is NaN unless the probe was built with ``directional=True``: a directional and a plain
+  probe have states of the same structure (the value is traced inside jit), so the key cannot
+  be left out here. A caller that knows its probe is not directional drops it, e.g.
+  ``metrics.pop("curv/directional_sharpness")``.
+
+  Example (λ_c of a quadratic with curvature 4 along every direction is 4):
+    >>> import jax, jax.numpy as jnp, optax, curvature
+    >>> loss_fn = lambda p, batch: 2.0 * jnp.sum((p - batch) ** 2)   # Hessian 4 I
+    >>> params, batch = jnp.ones(3), jnp.zeros(3)
+    >>> tx = optax.chain(curvature.critical_sharpness_probe(learning_rate=0.1),
+    ...                  optax.scale_by_learning_rate(0.1))
+    >>> loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    >>> _, state = tx.update(grads, tx.init(params), params, value=loss, grad=grads,
+    ...                      value_fn=lambda p: loss_fn(p, batch))
+    >>> m = curvature.probe_metrics(state)
+    >>> sorted(m)                                             # doctest: +NORMALIZE_WHITESPACE
+    ['curv/critical_sharpness', 'curv/directional_sharpness', 'curv/lr_sharpness',
+     'curv/num_evals', 'curv/status', 'curv/step_size']
+    >>> round(float(m["curv/critical_sharpness"]), 2), round(float(m["curv/lr_sharpness"]), 3)
+    (4.0, 0.4)
+    >>> bool(jnp.isnan(m["curv/directional_sharpness"]))            # directional=False
+    True
   """
   out: dict[str, jax.Array] = {}
 

@@ -193,6 +193,7 @@ def chunked_token_loss(student_hidden, student_kernel, teacher_hidden, teacher_k
   NaN: NaN in the hidden states or projections at unmasked positions gives a NaN loss.
 
   Example:
+    >>> import jax.numpy as jnp
     >>> h_s, w_s = jnp.ones((2, 5, 8)), jnp.zeros((8, 11))
     >>> h_t, w_t = jnp.ones((2, 5, 4)), jnp.zeros((4, 11))
     >>> float(chunked_token_loss(h_s, w_s, h_t, w_t, chunk_size=3))

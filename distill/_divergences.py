@@ -293,6 +293,13 @@ def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, we
 
   Args:
     {args}
+
+  Example:
+    >>> import math, jax.numpy as jnp
+    >>> teacher = jnp.array([[0.0, 0.0]])                     # P = (1/2, 1/2)
+    >>> student = jnp.array([[0.0, math.log(3.0)]])           # S = (1/4, 3/4)
+    >>> round(float(forward_kl(student, teacher)), 4)         # ½ log 2 + ½ log(2/3) = ½ log(4/3)
+    0.1438
   """
   return _token_loss("forward_kl", student_logits, teacher_logits, temperature=temperature,
                      mask=mask, weights=weights, reduction=reduction)
@@ -415,6 +422,13 @@ def hinton_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temperatur
     labels: ``[...]`` integer hard labels :math:`y_i` in [0, V) (ignored at masked positions;
       an out-of-range label at an unmasked position gives an undefined CE term).
     alpha: weight α in [0, 1] of the cross-entropy.
+
+  Example (student = teacher, so the KL term is 0; uniform over V = 4, so CE = log 4):
+    >>> import jax.numpy as jnp
+    >>> logits, labels = jnp.zeros((1, 2, 4)), jnp.array([[0, 3]])
+    >>> loss = hinton_loss(logits, logits, labels, alpha=0.5, temperature=2.0)
+    >>> round(float(loss), 4)                                  # ½ log 4 = log 2
+    0.6931
   """
   if labels is None:
     raise ValueError("`labels` is required by hinton_loss")

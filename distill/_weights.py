@@ -187,6 +187,7 @@ def importance_weights(token_ids=None, *, teacher_entropy=None, vocab_size=None,
   :data:`distill.TOKEN_LOSSES` or to :func:`distill.chunked_token_loss`.
 
   Example:
+    >>> import jax.numpy as jnp
     >>> logits = jnp.zeros((1, 3, 10))                      # uniform teacher: entropy log 10
     >>> w = importance_weights(teacher_entropy=token_entropy(logits), vocab_size=10)
     >>> bool(jnp.allclose(w, 3.0))

@@ -6,7 +6,15 @@ input structure, so it compiles once) with the step's metrics. It runs, in order
 
 1. ``convergence.anomaly_detector`` over the loss, gradient-norm, update-norm and η·λ_c
    streams: non-finite values, robust-z spikes and level shifts, η·λ_c above
-   ``lr_sharpness_limit`` for ``unstable_sustain`` measured steps.
+   ``lr_sharpness_limit`` for ``unstable_sustain`` measured steps. Spikes, shifts and
+   sustained η·λ_c > limit while η·λ_c approaches or oscillates around the limit (the edge
+   of stability, see ``convergence._anomaly``) are *edge-of-stability oscillation*, not
+   anomalies: logged as ``monitor/eos_oscillation``, no emergency checkpoint, no warning. A
+   non-finite value, a loss above ``eos_max_loss_ratio`` × its window median, or a spike
+   while η·λ_c is steadily far below (or beyond) the edge stays an anomaly. The optional keys
+   ``monitor.eos_window``, ``monitor.eos_band``, ``monitor.eos_rise``,
+   ``monitor.eos_max_loss_ratio`` override the detector's defaults (32 steps, (0.25, 1.25) ×
+   the limit, 10, 100); ``monitor.eos_window=0`` turns the classification off.
 2. ``convergence.evidence_tracker`` over the ``monitor.metrics`` (multi-scale windows,
    rolling-quantile baseline, Kalman level, stationarity test). A metric missing from a step
    (eval/loss between evaluations, a probe that is off) enters as NaN and is skipped.
@@ -21,13 +29,28 @@ input structure, so it compiles once) with the step's metrics. It runs, in order
    skipped this step — adds nothing while older evidence decays at the metric's half-life).
    The conflict rules read a context built from the same streams (η·λ_c, the training loss
    trend, the generalisation-gap drift, the gradient-norm z-score, the non-finite rate).
+   The context also carries the detector's steps since the last loss level shift and since
+   η·λ_c last exceeded the limit: while either lies inside the evidence window the run is
+   *unsettled* (``convergence_network``'s ``settle_window``): P(converged) gets the
+   "unsettled" evidence and the decision is "not converged". The evidence window is the span
+   of samples the windowed evidence is computed from, the largest of each metric's long
+   window and its baseline's span (``short × history`` steps of block means; 1,280 steps by
+   default): a shift inside the baseline inflates its spread, and a loss still falling by
+   20 % per 200 steps then reads as "stable" (what made the edge-of-stability run look
+   converged between its excursions).
 
 Logged per step (``metrics.jsonl``): ``monitor/p_<node>`` for the four nodes,
-``monitor/decision`` (1 = converged), ``monitor/conflict``, ``monitor/anomaly`` and
-``monitor/anomaly_reason`` (bit mask of ``convergence.REASON_*``),
+``monitor/decision`` (1 = converged), ``monitor/conflict``, ``monitor/unsettled``,
+``monitor/anomaly`` and ``monitor/anomaly_reason`` (bit mask of ``convergence.REASON_*``),
+``monitor/eos_oscillation`` and ``monitor/eos_reason`` (the reasons classified as
+edge-of-stability oscillation instead),
 ``monitor/strength/<metric>`` and ``monitor/direction/<metric>`` (the raw evidence; +1
 improving, 0 stable, −1 worsening), and from the host loop ``monitor/tier`` (the tier level
 the posterior asks for: 0 preliminary … 3 release), ``monitor/action`` (see ``ACTIONS``).
+
+Audit (``audit.jsonl``): besides decisions, anomalies, saves and promotions, an
+``eos_oscillation`` event where an episode of consecutive oscillation steps starts (its
+reasons, η·λ_c, loss) and where it ends (its first step and length), :meth:`Monitor.eos_events`.
 
 Checkpoint tiers (the rule, :func:`tier_level`): P(converged) ≥ ``tier_thresholds[0]`` asks
 for observation, ≥ ``tier_thresholds[1]`` for candidate, and the network's decision
@@ -56,6 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import convergence
+from convergence._anomaly import NEVER  # the detector's "no event yet" count
 from experiments import config_lib
 
 AUDIT_LOG = "audit.jsonl"
@@ -179,23 +203,30 @@ class Monitor:
     m = config.monitor
     self.config = config
     self.specs = config_lib.monitor_metric_specs(config)
+    # Steps of samples the windowed evidence depends on (the settle window, module docstring).
+    self.evidence_window = max(max(s["long"], s["short"] * s["history"]) for s in self.specs)
     self.names = [s["name"] for s in self.specs]
     keys = [_key(n) for n in self.names]
     if len(set(keys)) != len(keys):
       raise ValueError(f"config.monitor.metrics names {self.names} collide once '/' and other "
                        "punctuation become '_'; rename one.")
     self._keys = dict(zip(self.names, keys))
+    # Edge-of-stability settings: optional config keys, the detector's defaults otherwise.
+    eos = {k: conv(m[k]) for k, conv in (("eos_window", int), ("eos_band", tuple),
+                                         ("eos_rise", float), ("eos_max_loss_ratio", float))
+           if k in m}
     self.detector = convergence.anomaly_detector(
         window=int(m.anomaly_window), short_window=int(m.anomaly_short_window),
         spike_threshold=float(m.spike_threshold), shift_threshold=float(m.shift_threshold),
         min_history=int(m.min_history), lr_sharpness_limit=float(m.lr_sharpness_limit),
-        sustain=int(m.unstable_sustain))
+        sustain=int(m.unstable_sustain), **eos)
     self.tracker = convergence.evidence_tracker([
         convergence.MetricSpec(self._keys[s["name"]], mode=s["mode"], short=s["short"],
                                long=s["long"], history=s["history"]) for s in self.specs])
     self.network = convergence.convergence_network(
         [s["node"] for s in self.specs], [s["half_life"] for s in self.specs],
-        metric_names=tuple(self.names), threshold=float(m.threshold))
+        metric_names=tuple(self.names), threshold=float(m.threshold),
+        settle_window=float(self.evidence_window))
     self.thresholds = tuple(float(t) for t in m.tier_thresholds)
     self.emergency_mask = reason_mask(m.emergency_on)
     self.rollback_mask = reason_mask(m.rollback_on) if m.rollback_on_anomaly else 0
@@ -252,15 +283,19 @@ class Monitor:
     out.update({
         "monitor/decision": ni.decision.astype(jnp.int32),
         "monitor/conflict": ni.frozen.astype(jnp.int32),
+        "monitor/unsettled": ni.unsettled.astype(jnp.int32),
         "monitor/anomaly": det.info.flag.astype(jnp.int32),
         "monitor/anomaly_reason": det.info.reason,
+        "monitor/eos_oscillation": det.info.eos.astype(jnp.int32),
+        "monitor/eos_reason": det.info.eos_reason,
     })
     for n in self.names:
       e = ev_state.info[self._keys[n]].evidence
       out[f"monitor/strength/{n}"] = e.strength
       out[f"monitor/direction/{n}"] = e.direction
     changed = ((ni.decision != state.network.decision)
-               | (ni.frozen != state.network.info.frozen))
+               | (ni.frozen != state.network.info.frozen)
+               | (ni.unsettled != state.network.info.unsettled))
     new = MonitorState(det, ev_state, net, state.host)
     return new, MonitorOutput(out, observed, context, changed)
 
@@ -281,13 +316,17 @@ class Monitor:
     gap = nan
     if train is not None and held_out is not None:
       gap = held_out.drift - train.drift  # standardised: > 0 = the gap widens
+    # The detector's "steps since" counters; before the first event: inf (never).
+    age = lambda n: jnp.where(n >= NEVER, jnp.inf, n).astype(jnp.float32)
     return convergence.ConflictContext(
         lr_sharpness=lr_sharpness,
         train_loss_slope=nan if train is None else train.trend_t,
         gap_slope=gap,
         grad_norm_z=det.info.spike_z[1],
         nonfinite_rate=rate.astype(jnp.float32),
-        data_drift=nan)
+        data_drift=nan,
+        steps_since_level_shift=age(det.info.steps_since_level_shift),
+        steps_since_lr_above_limit=age(det.info.steps_since_lr_above_limit))
 
   # --------------------------------------------------------------------------- host side
 
@@ -298,6 +337,29 @@ class Monitor:
         context=jax.device_get(out.context), metric_names=self.names,
         rule_names=self.network.rule_names)
     return {"event": "decision", **rec}
+
+  def eos_events(self, step: int, before: MonitorState, after: MonitorState,
+                 metrics: dict[str, Any]) -> list[dict]:
+    """Audit records of edge-of-stability episodes at ``step`` (host side, outside jit).
+
+    An episode is a run of consecutive steps classified as oscillation. Its first step gives
+    ``{"event": "eos_oscillation", "phase": "start", "reasons": [...], "curv/lr_sharpness",
+    "train/loss", "emergency_checkpoint": False}``; the first step after it ``{"phase": "end",
+    "first_step", "steps"}``. ``before`` / ``after`` are the monitor states around this step's
+    update (both restored from checkpoints on resume, so a resumed run writes the same lines).
+    """
+    info = after.detector.info
+    out = []
+    ended = int(before.detector.eos_run)
+    if ended and not bool(info.eos):
+      out.append({"event": "eos_oscillation", "step": step, "phase": "end",
+                  "first_step": step - ended, "steps": ended})
+    if bool(info.eos) and int(info.eos_run) == 1:
+      out.append({"event": "eos_oscillation", "step": step, "phase": "start",
+                  "reasons": convergence.reason_names(int(info.eos_reason)),
+                  "curv/lr_sharpness": metrics.get("curv/lr_sharpness"),
+                  "train/loss": metrics.get("train/loss"), "emergency_checkpoint": False})
+    return out
 
 
 # ------------------------------------------------------------------------------ audit I/O

@@ -1,6 +1,7 @@
 """Plots of a run directory, made from ``metrics.jsonl`` (never inside jit).
 
-``python -m experiments.plots RUN_DIR`` (or :func:`make_plots`) writes
+``python -m experiments.plots RUN_DIR`` (or ``--workdir=RUN_DIR``; from Python
+:func:`make_plots`) writes
 
 * ``plots/sharpness.png`` — λ_c, λ_dir, λ_max and λ^PH against the step (log scale) with the
   stability thresholds drawn from the learning rate actually used at each step
@@ -373,16 +374,53 @@ def make_plots(run_dir: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) != 2:
-    print("usage: python -m experiments.plots RUN_DIR", file=sys.stderr)
-    return 2
-  if not os.path.exists(os.path.join(argv[1], "metrics.jsonl")):
-    print(f"no metrics.jsonl in {argv[1]!r}", file=sys.stderr)
+  """``python -m experiments.plots RUN_DIR`` (or ``--workdir=RUN_DIR``): print the PNG paths.
+
+  ``argv`` is the program name followed by the positional arguments; returns the exit status
+  (1 with a one-line message on stderr when there is no run directory to plot).
+  """
+  run_dirs = list(argv[1:])
+  if len(run_dirs) != 1:
+    got = "no run directory" if not run_dirs else f"{len(run_dirs)} arguments {run_dirs}"
+    print(f"usage error: got {got}; usage: python -m experiments.plots RUN_DIR "
+          "(--help for more).", file=sys.stderr)
     return 1
-  for p in make_plots(argv[1]):
+  run_dir = run_dirs[0]
+  if not os.path.isdir(run_dir):
+    print(f"plots error: run directory {run_dir!r} "
+          f"{'is not a directory' if os.path.exists(run_dir) else 'does not exist'}.",
+          file=sys.stderr)
+    return 1
+  if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+    print(f"plots error: no metrics.jsonl in {run_dir!r} (not a run directory of "
+          "python -m experiments.run?).", file=sys.stderr)
+    return 1
+  for p in make_plots(run_dir):
     print(p)
   return 0
 
 
+def _cli() -> None:
+  """absl entry point: ``--help`` prints this module's docstring and the flags (exit 0)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  # Defined here, not at import: experiments.run, which imports this module through the
+  # trainer, defines its own --workdir.
+  workdir = flags.DEFINE_string("workdir", None, "Run directory to plot (or pass it as RUN_DIR).")
+
+  def parse(argv: list[str]) -> list[str]:
+    if any(a.split("=", 1)[0] in ("-h", "--help", "-help", "--helpshort", "-?", "--helpfull")
+           for a in argv[1:]):
+      sys.stdout.write(f"{__doc__}\nflags:\n{flags.FLAGS.main_module_help()}\n")
+      sys.exit(0)
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      sys.exit(f"flag error: {e}\nusage: python -m experiments.plots RUN_DIR (--help for more).")
+
+  app.run(lambda argv: main(argv + ([workdir.value] if workdir.value else [])),
+          flags_parser=parse)
+
+
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  _cli()

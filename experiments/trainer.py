@@ -20,7 +20,9 @@ With ``config.monitor.enabled`` (default) every step also runs the convergence m
 ``monitor/*``). An anomaly in ``monitor.emergency_on`` writes a pinned emergency checkpoint of
 the state before the flagged update; with ``monitor.rollback_on_anomaly`` an anomaly in
 ``monitor.rollback_on`` (default: a non-finite loss) skips that update and training goes on,
-without it a non-finite loss stops the run (``TrainingDiverged``) after that checkpoint. The
+without it a non-finite loss stops the run (``TrainingDiverged``) after that checkpoint. Spikes
+while η·λ_c oscillates around 2 are edge-of-stability oscillation, not anomalies: logged
+(``monitor/eos_oscillation``, ``audit.jsonl``), never saved as emergencies. The
 posterior promotes checkpoints preliminary → observation → candidate → release; the end of
 warmup, the start of a WSD decay and a resume under changed hyper-parameters force a save.
 
@@ -664,6 +666,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = MetricWriter(workdir, resume_step=start_step if resuming else None,
                         enabled=is_primary)
+  if start_step < config.num_steps:  # the first step compiles every jitted function
+    logging.info("compiling… (the first step traces and compiles the train step and probes)")
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=config.num_steps, initial=start_step, disable=not config.progress_bar,
              dynamic_ncols=True, mininterval=0.5,
@@ -723,7 +727,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      | (monitoring.ACTION_ROLLBACK if rollback else 0)
                                      | (monitoring.ACTION_STOP if stop else 0))
       if (step % config.log_every == 0 or extra or not finite or reason
-          or step == config.num_steps - 1):
+          or metrics.get("monitor/eos_oscillation") or step == config.num_steps - 1):
         writer.write(step, metrics)
       last_row = {k: _to_python(v) for k, v in metrics.items()}
 
@@ -744,6 +748,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           emergency_at = step
           new_mstate = new_mstate._replace(host=new_mstate.host._replace(
               emergency_saves=jnp.int32(host_int("emergency_saves") + 1)))
+        # Edge-of-stability oscillation: audited and logged, not an anomaly (no save, no warning).
+        for rec in monitor.eos_events(step, mstate, new_mstate, metrics):
+          audit(rec)
+          if rec["phase"] == "start":
+            logging.info("edge-of-stability oscillation from step %d (%s, η·λ_c=%s): logged as "
+                         "monitor/eos_oscillation, not an anomaly", step,
+                         ", ".join(rec["reasons"]), rec["curv/lr_sharpness"])
         mstate = new_mstate
         if emergency or rollback or stop:
           audit({"event": "anomaly", "step": step, "reasons": convergence.reason_names(reason),
@@ -775,6 +786,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
       else:
         state = new_state
+      if step == start_step:  # compiled: start the bar's clock now, so its ETA leaves that out
+        bar.start_t = bar.last_print_t = time.time()
       bar.update(1)
       if step % 10 == 0 or step == config.num_steps - 1:
         bar.set_postfix(_postfix(last_row), refresh=False)
@@ -850,6 +863,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "monitor/p_converged": last_row.get("monitor/p_converged"),
         "monitor/decision": last_row.get("monitor/decision"),
         "monitor/anomalies": int(mstate.detector.total_flagged),
+        "monitor/eos_oscillations": int(mstate.detector.total_eos),
         "monitor/emergency_saves": host_int("emergency_saves"),
         "monitor/rollbacks": host_int("rollbacks"),
     })

@@ -148,6 +148,52 @@ def test_decision_freezes_during_conflict_and_resumes():
   assert int(state.decision) == int(state.info.wanted)
 
 
+def test_unsettled_dynamics_block_convergence():
+  # Issue 9 §5: no "converged" while a loss level shift or η·λ_c > 2 lies inside the
+  # evidence window, however settled the windowed evidence looks.
+  net = net_lib.convergence_network(["structural", "functional", "generalisation"],
+                                    [20.0, 50.0, 100.0], settle_window=50)
+  update = jax.jit(net.update)
+  good = net_lib.soft_likelihood(jnp.ones(3), jnp.ones(3))
+  settled = net.init()
+  for _ in range(15):
+    settled = update(settled, good)
+  assert int(settled.decision) == net_lib.DECISION_CONVERGED
+  assert float(settled.info.marginals[3]) > 0.9 and not bool(settled.info.unsettled)
+
+  state = update(settled, good, _context(steps_since_lr_above_limit=10.0,
+                                         steps_since_level_shift=np.inf))
+  assert bool(state.info.unsettled) and not bool(state.info.frozen)
+  assert int(state.decision) == net_lib.DECISION_NOT_CONVERGED
+  # The observation "unsettled" enters the converged node with likelihood ratio 1e-3.
+  assert float(state.info.marginals[3]) < 0.05
+  np.testing.assert_allclose(float(state.info.node_llr[3]), math.log(1e-3), rtol=1e-6)
+  rec = net_lib.decision_record(10, state.info, context=_context(
+      steps_since_lr_above_limit=10.0, steps_since_level_shift=np.inf))
+  assert rec["unsettled"] and rec["decision"] == "not_converged"
+  assert "unsettled" in rec["reason"] and "η·λ_c above the limit 10 steps ago" in rec["reason"]
+  assert rec["inputs"]["context"]["steps_since_level_shift"] is None  # inf: never
+
+  state = update(state, good, _context(steps_since_level_shift=49.0))
+  assert bool(state.info.unsettled) and int(state.decision) == net_lib.DECISION_NOT_CONVERGED
+  # Out of the window (age >= settle_window), or ages unknown: the posterior decides again.
+  for ctx in (_context(steps_since_level_shift=50.0, steps_since_lr_above_limit=np.inf),
+              net_lib.unknown_context()):
+    state = update(state, good, ctx)
+    assert not bool(state.info.unsettled)
+    assert int(state.decision) == net_lib.DECISION_CONVERGED
+
+  # A conflict freezes "converged" ... unless the run is unsettled.
+  bad_g = good.at[2].set(jnp.array([20.0, -20.0]))
+  frozen = update(settled, bad_g, _context(gap_slope=2.5))
+  assert bool(frozen.info.frozen) and int(frozen.decision) == net_lib.DECISION_CONVERGED
+  vetoed = update(settled, bad_g, _context(gap_slope=2.5, steps_since_level_shift=0.0))
+  assert bool(vetoed.info.conflict.active) and not bool(vetoed.info.frozen)
+  assert int(vetoed.decision) == net_lib.DECISION_NOT_CONVERGED
+  with pytest.raises(ValueError, match="settle_window"):
+    net_lib.convergence_network([0], [10.0], settle_window=-1)
+
+
 def test_frozen_not_converged_cannot_be_promoted():
   net = net_lib.convergence_network([0, 1, 2], [50.0, 50.0, 50.0], threshold=0.9)
   state = net.init()

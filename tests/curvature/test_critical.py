@@ -111,6 +111,8 @@ def test_evaluation_count_reuses_loss0():
   with_l0 = curvature.critical_sharpness(loss, theta, g, loss0=loss(theta))
   without = curvature.critical_sharpness(loss, theta, g)
   assert int(without.num_evals) == int(with_l0.num_evals) + 1
+  # Exact on purpose: L(θ) = 2.5 and every product of this integer quadratic is exactly
+  # representable, so the two programs see the same L0 bit for bit.
   np.testing.assert_array_equal(with_l0.sharpness, without.sharpness)
 
 
@@ -239,7 +241,11 @@ def test_relative_matrix_against_formula():
   with jax.enable_x64(True):
     single = curvature.relative_critical_sharpness(fns[0], jnp.asarray(theta), dirs[1],
                                                    tol_power=8)
-    np.testing.assert_array_equal(np.asarray(single.sharpness), out.sharpness[0, 1])
+    # The matrix is a vmapped program, the single call another one: they may round the
+    # trial-step arithmetic differently (float64, a few dozen operations per trial), so they
+    # agree to rounding, not bit for bit.
+    np.testing.assert_allclose(np.asarray(single.sharpness), out.sharpness[0, 1],
+                               rtol=64 * np.finfo(np.float64).eps)
 
 
 def _mlp_loss(params, x, y):

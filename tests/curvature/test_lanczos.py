@@ -206,7 +206,14 @@ def test_seed_and_default_key_deterministic():
   a = jax.jit(lambda p: hessian_eigenvalues(loss, p, k=2))(params)
   b = f(params, jax.random.PRNGKey(0))
   c = f(params, jax.random.PRNGKey(7))
-  np.testing.assert_array_equal(np.asarray(a.eigenvalues), np.asarray(b.eigenvalues))
+  # Two compiled programs (key folded in as a constant vs passed in) with the same start
+  # vector: they may round differently, so no bit-equality. Each Ritz value lies within
+  # residual·max|θ| of an eigenvalue (Kahan's bound for symmetric matrices), so two runs that
+  # converge to the same eigenvalues agree to the sum of their residual bounds.
+  scale = np.abs(np.asarray(a.eigenvalues)).max()
+  bound = (np.asarray(a.residuals) + np.asarray(b.residuals)) * scale
+  np.testing.assert_array_less(np.abs(np.asarray(a.eigenvalues) - np.asarray(b.eigenvalues)),
+                               bound + np.finfo(np.float32).eps * scale)
   np.testing.assert_allclose(np.asarray(a.eigenvalues), np.asarray(c.eigenvalues), rtol=1e-5)
 
 

@@ -313,9 +313,13 @@ def test_masked_positions_change_nothing(loss):
   rng = np.random.default_rng(16)
   s, t, labels, mask, weights = _inputs(rng, (3, 5, 11))
 
+  # One compiled program for both calls (labels an argument, not a folded constant), so the
+  # masked and unmasked inputs can be compared bit for bit.
+  f = lambda s, t, w, lab: _call(loss, s, t, lab, mask=mask, weights=w, temperature=2.0)
+  step = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
   def value_and_grads(s, t, labels):
-    f = lambda s, t, w: _call(loss, s, t, labels, mask=mask, weights=w, temperature=2.0)
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(s, t, jnp.asarray(weights))
+    return step(s, t, jnp.asarray(weights), labels)
 
   v0, g0 = value_and_grads(jnp.asarray(s), jnp.asarray(t), jnp.asarray(labels))
   s2, t2, l2 = s.copy(), t.copy(), labels.copy()

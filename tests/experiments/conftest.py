@@ -1,28 +1,26 @@
 """Fixtures shared by the experiment tests."""
 
+import os
+
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import pytest
 
-_CACHE_OPTIONS = {"jax_compilation_cache_dir": None,
-                  "jax_persistent_cache_min_compile_time_secs": 0.0,
-                  "jax_persistent_cache_min_entry_size_bytes": -1}
+_CACHE_EVERYTHING = {"jax_persistent_cache_min_compile_time_secs": 0.0,
+                     "jax_persistent_cache_min_entry_size_bytes": -1}
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for one test module (restored afterwards).
+def compile_cache():
+  """The suite's persistent compilation cache (``tests/conftest.py``), caching every program.
 
   Modules that run the same small config many times opt in with
-  ``pytestmark = pytest.mark.usefixtures("compile_cache")``; repeat runs reuse the first
-  run's executables. Yields the cache directory (a subprocess can share it).
+  ``pytestmark = pytest.mark.usefixtures("compile_cache")``; repeat runs (and child processes,
+  which inherit ``JAX_COMPILATION_CACHE_DIR``) reuse the first run's executables, even those
+  that compile faster than the suite-wide threshold. Yields the cache directory.
   """
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  saved = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
-  compilation_cache.reset_cache()
-  for k, v in {**_CACHE_OPTIONS, "jax_compilation_cache_dir": path}.items():
+  saved = {k: getattr(jax.config, k) for k in _CACHE_EVERYTHING}
+  for k, v in _CACHE_EVERYTHING.items():
     jax.config.update(k, v)
-  yield path
+  yield os.environ["JAX_COMPILATION_CACHE_DIR"]
   for k, v in saved.items():
     jax.config.update(k, v)
-  compilation_cache.reset_cache()

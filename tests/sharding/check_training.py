@@ -5,7 +5,8 @@ References: the same config trained on one device (``mesh.shape=()``). The shard
 float32 reduction order: XLA sums the batch and the parameter contractions in per-shard partial
 sums then all-reduces, so every value differs from the one-device run by a few ulps per step,
 compounded over the steps. A 1e-5 relative tolerance is ~80 float32 ulps; the observed
-differences after 8 steps are ≤ 1e-6 on losses and ≤ 1e-5 on λ_c.
+differences after 8 steps are ≤ 1e-6 on losses. λ_c is compared to the search's own
+resolution (``SEARCH_RTOL``); observed 1.3e-5 at XLA optimisation level 0.
 """
 
 import json
@@ -20,6 +21,12 @@ from experiments import sharding as sharding_lib
 from experiments import trainer
 
 STEPS = 8
+# λ_c is the midpoint of a bracket placed from loss *differences* L(θ − ηΔθ) − L0, which
+# cancel most digits of L: a few ulps of reduction order in L move the trial steps, so two
+# correct programs agree on λ_c only to the search's guarantee. Both brackets hold η_c with
+# 1 − lower/upper ≤ 2^−k, so their midpoints differ by at most 2^−k / (1 − 2^−k) relative.
+TOL_POWER = 4
+SEARCH_RTOL = 2.0 ** -TOL_POWER / (1 - 2.0 ** -TOL_POWER)
 
 
 def _config(**overrides):
@@ -27,7 +34,7 @@ def _config(**overrides):
           "eval_every": 4, "eval_examples": 32, "batch_size": 8, "model.depth": 1,
           "model.width": 32, "model.num_heads": 2, "data.context_length": 32,
           "data.max_chars": 50_000, "probe.lanczos_every": 0,
-          "probe.preconditioned_every": 0, "monitor.enabled": False,
+          "probe.preconditioned_every": 0, "probe.tol_power": TOL_POWER, "monitor.enabled": False,
           "checkpoint.every": 4, "checkpoint.async_save": False}
   base.update(overrides)
   return config_lib.load_config("configs/olmo_style.py:wsd,smoke", base)
@@ -51,8 +58,11 @@ def _assert_same(rows, reference, rtol):
   for r, ref in zip(rows, reference):
     assert set(r) == set(ref), (r["step"], set(r) ^ set(ref))
     for key, want in ref.items():
-      if key.startswith(("train/", "eval/", "curv/critical", "curv/lambda", "curv/step")):
+      if key.startswith(("train/", "eval/", "curv/lambda")):
         np.testing.assert_allclose(r[key], want, rtol=rtol, err_msg=f"{key} at {r['step']}")
+        compared += 1
+      elif key.startswith(("curv/critical", "curv/step")):
+        np.testing.assert_allclose(r[key], want, rtol=SEARCH_RTOL, err_msg=f"{key} at {r['step']}")
         compared += 1
       elif key.startswith("curv/status"):
         assert r[key] == want, (key, r["step"])

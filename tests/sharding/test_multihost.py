@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
+TOL_POWER = 4
+SEARCH_RTOL = 2.0 ** -TOL_POWER / (1 - 2.0 ** -TOL_POWER)  # two midpoints of brackets holding η_c
 FLAGS = ["--config=configs/olmo_style.py:wsd,smoke", "--config.num_steps=6",
          "--config.progress_bar=False", "--config.plots=False", "--config.batch_size=8",
          "--config.eval_examples=16", "--config.eval_every=3", "--config.model.depth=1",
@@ -27,12 +29,14 @@ FLAGS = ["--config=configs/olmo_style.py:wsd,smoke", "--config.num_steps=6",
          "--config.probe.lanczos_every=0",
          "--config.probe.preconditioned_every=0", "--config.monitor.enabled=False",
          "--config.checkpoint.every=2", "--config.checkpoint.async_save=False",
-         "--config.mesh.shape=(4,)"]
+         "--config.mesh.shape=(4,)", f"--config.probe.tol_power={TOL_POWER}"]
 
 
 def _env(devices: int) -> dict[str, str]:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  kept = [f for f in env.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
@@ -72,8 +76,14 @@ def test_two_processes_train_like_one(tmp_path):
   for r, w in zip(rows, want):
     assert set(r) == set(w)
     for key in w:
-      if key.startswith(("train/", "eval/", "curv/critical", "curv/lambda", "curv/step")):
+      # Float32 reduction order differs between the programs (1e-5 ≈ 80 ulps); λ_c and its
+      # step agree to the search's own resolution (see check_training.SEARCH_RTOL).
+      if key.startswith(("train/", "eval/", "curv/lambda")):
         np.testing.assert_allclose(r[key], w[key], rtol=1e-5, err_msg=f"{key} at {r['step']}")
+        compared += 1
+      elif key.startswith(("curv/critical", "curv/step")):
+        np.testing.assert_allclose(r[key], w[key], rtol=SEARCH_RTOL,
+                                   err_msg=f"{key} at {r['step']}")
         compared += 1
   assert compared > 25
   # Both processes saved together: the same committed steps as the one-process run.
