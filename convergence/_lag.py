@@ -13,17 +13,48 @@ Lagged-link model. For each candidate delay d on a grid,
 
 with L̃ the noise-smoothed loss (:func:`convergence.local_derivatives`, so that batch noise in
 the loss, to which the metric does not respond, does not enter the regressor), g a cubic
-B-spline with knots at quantiles of L̃ (flexible enough to absorb any threshold / sigmoid
-shape), shared by all runs (``shared_link=True``) or one per run. Every delay is fitted on the
-same samples t ≥ d_max, so the residual sums of squares RSS(d) are comparable. The profile
-likelihood-ratio confidence set (Gaussian errors, n_eff = n(1 − ρ)/(1 + ρ) for residual lag-1
-autocorrelation ρ) is
+B-spline (half its knots at quantiles of L̃, half evenly over its range; flexible enough to
+absorb any threshold / sigmoid shape), shared by all runs (``shared_link=True``) or one per
+run. Every delay is fitted on the same samples t ≥ d_max, so the residual sums of squares
+RSS(d) are comparable. Three checks decide whether a lag is reported.
 
-    { d : n_eff · log(RSS(d) / RSS(d̂)) ≤ χ²₁(coverage) }.
+1. No-relation test. Under pure noise the profile RSS(d) still has a sharp, random minimum
+   (issue 9: white noise was "identified" in 7 of 20 seeds), so the first question is whether
+   the lagged loss explains the metric at all. The statistic is the best-delay fit,
 
-The lag is reported only when that set is narrow (width ≤ ``max_rel_width`` · d_max) and does
-not reach the end of the grid; otherwise the status is ``"not_identifiable"`` and no number is
-given. A flat profile (smooth monotone loss, one run) is exactly that case.
+       T = max_d R²(d),      R²(d) = 1 − RSS(d) / RSS₀      (RSS₀: a constant mean),
+
+   the maximum over the (coarse) delay grid. Its null distribution comes from circular shifts
+   of the metric relative to the loss: shifting the metric by s_j ≈ j·n/(B + 1), j = 1..B,
+   keeps both series' autocorrelation (AR(1) noise, trends in the loss) and breaks only their
+   alignment, and each shifted series is maximised over the same grid, so the search over
+   delays is paid for. p = (1 + #{j : T_j ≥ T}) / (1 + B) (Besag & Diggle 1977; Harrison,
+   Amarasingham & Kass 2013). Not identifiable when p > ``level``.
+2. Interval. The profile likelihood ratio Λ(d) = n·log(RSS(d)/RSS(d̂)) is χ²₁ only for
+   independent errors and an exact regressor; neither holds (autocorrelated metric noise,
+   smoothing error in L̃, a profile roughened by it): the χ²₁ interval was [295, 298] for a
+   true 300, 3 steps wide for an estimator with a standard deviation of 1.3 steps. Its
+   critical value is taken from a bootstrap instead: B* replicates
+   M* = ĝ(L̃(t − d̂)) + e* − ĝ'(L̃(t − d̂))·δ*(t − d̂), with e* the residuals phase-randomised
+   (their periodogram kept, the power the fit absorbed at each frequency restored; Theiler
+   et al. 1992) and δ* simulated smoothing error of the loss (its noise level, passed through
+   the local-polynomial windows the smoother chose). Then q̂ = the ``coverage`` quantile of
+   Λ*(d̂) = n·log(RSS*(d̂)/min_d RSS*(d)), no smaller than χ²₁(coverage), and
+
+       { d : Λ(d) ≤ q̂ } = { d : n_eff·log(RSS(d)/RSS(d̂)) ≤ χ²₁(coverage) },  n_eff = n·χ²₁/q̂,
+
+   its ends interpolated between grid points (linearly in √Λ).
+3. Width. The lag is reported only when that set is narrow (width ≤ ``max_rel_width`` · d_max)
+   and does not reach the end of the grid. A flat profile (smooth monotone loss, one run) is
+   that case: the metric does follow the loss (the test rejects), the delay is confounded.
+
+Measured on synthetic ground truth (tests/convergence/test_lag.py, ``python
+tests/convergence/test_lag.py 100``; 1,600 steps, a loss bump, d_max = 500): an independent
+white or AR(1) (φ = 0.9) metric is identified in 0.75–2 % of 400 seeds (the test alone rejects
+in 5.25–6.5 %, also at 2,400 steps); planted lags 0, 120 and 300 are identified in all of 100
+seeds, within 10 % (10 steps for 0), and the 95 % intervals cover the truth in 93–96 % of them,
+median widths 4.4, 8.3 and 11.9 steps. Strongly autocorrelated metric noise *and* a real lag
+is harder: with AR(1) (φ = 0.9) noise added, coverage was 79–89 % in 30 seeds.
 
 Hysteresis. When the learning rate (or any driver x) cycles and the response y lags, the
 trajectory (x_t, y_t) encloses a loop whose signed area (shoelace formula)
@@ -41,6 +72,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import interpolate as _interp
+from scipy import signal as _signal
 from scipy import stats as _stats
 
 from convergence import _trajectory
@@ -55,13 +87,19 @@ class LagEstimate(NamedTuple):
   Attributes:
     status: ``"identified"`` or ``"not_identifiable"``.
     lag: the delay d̂ in steps (None when not identifiable).
-    lower, upper: the confidence interval in steps (None when not identifiable).
+    lower, upper: the confidence interval in steps (None when not identifiable); its ends
+      are interpolated between grid points.
     coverage: nominal coverage of the interval.
     reason: why the lag is not identifiable ("" when identified).
-    lags: (G,) the grid of candidate delays.
-    profile: (G,) the likelihood-ratio statistic n_eff·log(RSS(d)/RSS(d̂)).
-    n_eff: effective sample size used.
+    lags: (G,) the delays evaluated (a coarse grid, refined to ``lag_step`` near d̂).
+    profile: (G,) the calibrated statistic n_eff·log(RSS(d)/RSS(d̂)); the interval is where
+      it is ≤ χ²₁(coverage).
+    n_eff: n·χ²₁(coverage)/q̂, q̂ the bootstrap critical value of n·log(RSS(d)/RSS(d̂)) (n, the
+      number of samples fitted, when the bootstrap was not needed).
     best: the grid minimiser even when not identifiable (for plots only, not an estimate).
+    p_value: p-value of the no-relation test (does the lagged loss explain the metric at all).
+    r2: R² of the lagged link at ``best`` against a constant mean.
+    null_method: the no-relation test, in words.
   """
 
   status: str
@@ -74,6 +112,9 @@ class LagEstimate(NamedTuple):
   profile: np.ndarray
   n_eff: float
   best: float
+  p_value: float
+  r2: float
+  null_method: str
 
 
 def _as_runs(x, name):
@@ -96,6 +137,68 @@ def _spline_basis(x, knots_inner, lo, hi, degree=3):
   return _interp.BSpline.design_matrix(xc, t, degree).toarray()
 
 
+def _gram_whitener(g):
+  """T with XT orthonormal for the Gram matrix G = XᵀX, so that G⁺ = TTᵀ.
+
+  Columns are scaled to unit norm first (scaled B-spline columns are well conditioned); a
+  column without support in the data (zero diagonal) is left out.
+  """
+  diag = np.diag(g)
+  scale = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 0.0)
+  w, v = np.linalg.eigh(g * scale[:, None] * scale[None, :])
+  keep = w > max(float(w[-1]), 1e-300) * 1e-12
+  return scale[:, None] * v[:, keep] / np.sqrt(w[keep])
+
+
+def _gram_pinv(g):
+  t = _gram_whitener(g)
+  return t @ t.T
+
+
+def _surrogates(e, leverage, num, rng):
+  r"""``num`` phase-randomised copies of the residual series e, columns of an (n, num) array.
+
+  :math:`e^*_t = \mathcal F^{-1}[\hat e(\omega)\,(1 - p(\omega))^{-1/2} e^{i\phi_\omega}]`
+  with independent uniform phases: the copies share the residual's periodogram (its
+  autocovariance, circularly), the power the fit absorbed at each frequency restored. The
+  residual is (I − P)ε; for a spectrum flat over the width of P's frequency response,
+  E|ê(ω)|² ≈ f(ω)(1 − p(ω)) with p(ω) = Σ_j |q̂_j(ω)|² (unitary DFT of an orthonormal basis
+  of the design, clipped at 0.9). Theiler et al. (1992); Braun & Kulperger (1997).
+  """
+  n = e.size
+  spec = np.fft.rfft(e) / np.sqrt(1.0 - np.minimum(leverage, 0.9))
+  phase = np.exp(2j * np.pi * rng.random((spec.size, num)))
+  phase[0] = 1.0
+  if n % 2 == 0:
+    phase[-1] = np.where(rng.random(num) < 0.5, -1.0, 1.0)
+  return np.fft.irfft(spec[:, None] * phase, n=n, axis=0)
+
+
+def _sg_level(h, order=4):
+  """Weights of the level of a degree-``order`` local polynomial on [−h, h] (Savitzky–Golay)."""
+  return _signal.savgol_coeffs(2 * h + 1, min(order, 2 * h))
+
+
+def _crossings(lags, stat, crit):
+  """Hull of {d : stat(d) ≤ crit}, its ends placed between grid points where √stat = √crit.
+
+  √stat is close to linear in d near a minimum (stat ≈ (d − d̂)²/sd²), so the crossing is
+  interpolated linearly in √stat; at an end of the grid the end itself is returned.
+  """
+  idx = np.flatnonzero(stat <= crit)
+  i, j = int(idx[0]), int(idx[-1])
+  root = np.sqrt(np.maximum(stat, 0.0))
+  rc = math.sqrt(crit)
+
+  def between(a, b):     # a outside, b inside
+    frac = (root[a] - rc) / max(root[a] - root[b], 1e-300)
+    return float(lags[a] + (lags[b] - lags[a]) * frac)
+
+  lower = float(lags[i]) if i == 0 else between(i - 1, i)
+  upper = float(lags[j]) if j == lags.size - 1 else between(j + 1, j)
+  return lower, upper
+
+
 def estimate_lag(
     loss,
     metric,
@@ -107,12 +210,29 @@ def estimate_lag(
     shared_link: bool = True,
     smooth: bool = True,
     max_rel_width: float = 0.2,
+    level: float = 0.05,
+    num_shifts: int = 199,
+    num_bootstrap: int = 199,
+    seed: int = 0,
 ) -> LagEstimate:
   r"""Delay between loss and a downstream metric with a confidence interval, or "not identifiable".
 
-  See the module docstring for the model. ``loss`` and ``metric`` are 1-D series on the same
-  step grid (one run), or equal-length lists of such series (several runs, pooled: one delay,
-  and one link when ``shared_link``). A positive lag means the metric follows the loss.
+  See the module docstring for the model and the three checks. ``loss`` and ``metric`` are 1-D
+  series on the same step grid (one run), or equal-length lists of such series (several runs,
+  pooled: one delay, and one link when ``shared_link``). A positive lag means the metric
+  follows the loss.
+
+  1. No-relation test: :math:`T = \max_d R^2(d)` over the coarse delay grid, against the same
+     maximum after each of ``num_shifts`` circular shifts of the metric (evenly spaced over
+     each run): :math:`p = (1 + \#\{s : T_s \ge T\}) / (1 + \text{num\_shifts})`.
+  2. Interval: :math:`\{d : n\log(\mathrm{RSS}(d)/\mathrm{RSS}(\hat d)) \le \hat q\}`, with
+     :math:`\hat q` the ``coverage`` quantile of the same statistic at :math:`\hat d` over
+     ``num_bootstrap`` replicates (phase-randomised residuals plus simulated loss-smoothing
+     error), no smaller than :math:`\chi^2_1(\text{coverage})`; ``n_eff`` =
+     :math:`n\,\chi^2_1/\hat q`. Only computed when checks 1 and 3 pass at :math:`\hat q =
+     \chi^2_1` (the bootstrap can only widen the interval).
+  3. Identified only when p ≤ ``level``, the interval stays below ``max_lag`` and its width
+     is at most ``max_rel_width``·``max_lag``.
 
   Non-finite samples: a non-finite loss gets weight 0 in the smoother (and its smoothed
   value is still defined); samples t whose metric or smoothed lagged loss is non-finite are
@@ -122,19 +242,26 @@ def estimate_lag(
     loss, metric: the series (see above).
     max_lag: the largest delay considered (steps of the series' grid).
     lag_step: spacing of the delay grid.
-    coverage: coverage of the profile-likelihood interval.
+    coverage: coverage of the interval.
     num_knots: interior knots of the B-spline link.
     shared_link: one link for all runs (pooling identifies the lag from runs of different
       shapes) or one per run.
     smooth: regress on the noise-smoothed loss (recommended) or on the raw loss.
     max_rel_width: the largest interval width, relative to ``max_lag``, still called
       identified.
+    level: significance level of the no-relation test.
+    num_shifts: circular shifts calibrating it; p-values are multiples of
+      1/(num_shifts + 1), so at least 1/level − 1; every run needs more usable samples.
+    num_bootstrap: bootstrap replicates calibrating the interval (≥ 19).
+    seed: seed of the bootstrap (the result is deterministic given it).
 
   Returns:
     A :class:`LagEstimate`.
 
   References: REFERENCES.md §7; Venzon & Moolgavkar (1988) for profile-likelihood
-  intervals.
+  intervals; Besag & Diggle (1977) and Harrison, Amarasingham & Kass (2013) for circular-shift
+  (toroidal) tests; Theiler et al., Physica D 58 (1992) and Braun & Kulperger, Commun. Stat.
+  26 (1997) for phase-randomised (Fourier) surrogates and bootstrap.
   """
   losses, metrics = _as_runs(loss, "loss"), _as_runs(metric, "metric")
   if len(losses) != len(metrics):
@@ -150,18 +277,42 @@ def estimate_lag(
     raise ValueError(f"`coverage` must be in (0, 1), got {coverage!r}")
   if not isinstance(num_knots, int) or num_knots < 1:
     raise ValueError(f"`num_knots` must be an int >= 1, got {num_knots!r}")
+  if not 0 < level < 1:
+    raise ValueError(f"`level` must be in (0, 1), got {level!r}")
+  if (not isinstance(num_shifts, (int, np.integer)) or isinstance(num_shifts, bool)
+      or num_shifts + 1 < 1 / level):
+    raise ValueError(f"`num_shifts` must be an int >= 1/level - 1 = {math.ceil(1 / level - 1)} "
+                     f"(the smallest p-value is 1/(num_shifts + 1)), got {num_shifts!r}")
+  if (not isinstance(num_bootstrap, (int, np.integer)) or isinstance(num_bootstrap, bool)
+      or num_bootstrap < 19):
+    raise ValueError(f"`num_bootstrap` must be an int >= 19, got {num_bootstrap!r}")
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    raise ValueError(f"`seed` must be an int, got {seed!r}")
   for i, l in enumerate(losses):
     if l.size < max_lag + 4 * (num_knots + 4):
       raise ValueError(f"run {i}: {l.size} samples is too short for max_lag={max_lag} "
                        f"and {num_knots} knots")
 
-  regs = [_trajectory.local_derivatives(l).value if smooth else l for l in losses]
+  if smooth:
+    fps = [_trajectory.local_derivatives(l) for l in losses]
+    regs = [f.value for f in fps]
+    noises = [f.noise for f in fps]
+    windows = [f.half_width[0] for f in fps]
+  else:
+    regs = losses
+    noises = [_trajectory.robust_noise_level(l) for l in losses]
+    windows = [np.zeros(l.size) for l in losses]       # the raw loss: δ = the noise itself
   pooled = np.concatenate([r[np.isfinite(r)] for r in regs])
   lo, hi = float(pooled.min()), float(pooled.max())
   lags = np.arange(0, max_lag + 1, lag_step)
 
   def knots(vals):
-    return np.quantile(vals, np.linspace(0, 1, num_knots + 2)[1:-1])
+    # Half at quantiles (where the loss spends its time), half evenly over its range (where
+    # it moves fast, e.g. the early descent, which quantiles leave almost without knots).
+    num_q = (num_knots + 1) // 2
+    at_q = np.quantile(vals, np.linspace(0, 1, num_q + 2)[1:-1])
+    even = np.linspace(vals.min(), vals.max(), num_knots - num_q + 2)[1:-1]
+    return np.sort(np.concatenate([at_q, even]))
 
   run_knots = [knots(pooled)] * len(regs) if shared_link else [
       knots(r[np.isfinite(r)]) for r in regs]
@@ -178,72 +329,166 @@ def estimate_lag(
   n_obs = int(sum(k.sum() for k in keep))
   if n_obs < 4 * (num_knots + 4):
     raise ValueError(f"only {n_obs} usable samples after removing non-finite values")
+  for i, ok in enumerate(keep):
+    if ok.sum() <= num_shifts:
+      raise ValueError(f"run {i} has {int(ok.sum())} usable samples, too few for "
+                       f"`num_shifts`={num_shifts} distinct circular shifts")
 
-  def fit(d):
-    blocks, ys = [], []
-    for ri, (r, m, ok) in enumerate(zip(regs, metrics, keep)):
-      n = m.size
-      x = r[max_lag - d:n - d][ok]
-      blocks.append(_spline_basis(x, run_knots[ri], *run_lims[ri]))
-      ys.append(m[max_lag:][ok])
+  # The spline basis of every regressor sample, once: the design at delay d is rows t − d.
+  basis = [_spline_basis(np.where(np.isfinite(r), r, lim[0]), kn, *lim)
+           for r, kn, lim in zip(regs, run_knots, run_lims)]
+  rows = [max_lag + np.flatnonzero(ok) for ok in keep]
+  ys = [m[rw] for m, rw in zip(metrics, rows)]
+  # The constant lies in the spline span (partition of unity): centring changes no RSS and
+  # makes Σy² the RSS of the no-relation model (a constant mean, per run without sharing).
+  if shared_link:
+    mean = float(np.mean(np.concatenate(ys)))
+    ys = [y - mean for y in ys]
+  else:
+    ys = [y - y.mean() for y in ys]
+  rss0 = float(sum(y @ y for y in ys))
+  sizes = [y.size for y in ys]
+  splits = np.cumsum(sizes)[:-1]
+
+  def designs(d):
+    return [b[rw - d] for b, rw in zip(basis, rows)]
+
+  def groups(xs, cols):
+    """(G, C) per fitted link: C = Xᵀ·cols, G = XᵀX (one link over all runs, or one per run)."""
+    # einsum, not BLAS: for these thin products a multi-threaded BLAS on a busy machine is
+    # ~50x slower than one plain loop.
+    pairs = [(x.T @ x, np.einsum("nk,nb->kb", x, c) if c.ndim == 2 else x.T @ c)
+             for x, c in zip(xs, cols)]
     if shared_link:
-      design = np.concatenate(blocks)
-    else:
-      k = blocks[0].shape[1]
-      design = np.zeros((sum(b.shape[0] for b in blocks), k * len(blocks)))
-      row = 0
-      for ri, b in enumerate(blocks):
-        design[row:row + b.shape[0], ri * k:(ri + 1) * k] = b
-        row += b.shape[0]
-    y = np.concatenate(ys)
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    res = y - design @ coef
-    return float(res @ res), res
+      return [(sum(g for g, _ in pairs), sum(c for _, c in pairs))]
+    return pairs
 
-  # Coarse grid first; refined to ``lag_step`` inside the coarse confidence set.
+  def explained(d, cols):
+    """‖P_d y‖² per column of ``cols`` (per-run arrays): RSS(d) = Σy² − ‖P_d y‖²."""
+    total = 0.0
+    for g, c in groups(designs(d), cols):
+      total = total + np.sum(c * (_gram_pinv(g) @ c), axis=0)
+    return total
+
+  # 1. Coarse grid: the observed metric (shift 0) and its circular shifts s_r(j) ≈ j·n_r/(B+1).
+  # Xᵀ(y rotated by s) for every s at once is the circular cross-correlation of X with y.
+  shift_idx = [np.round(np.arange(num_shifts + 1) * y.size / (num_shifts + 1)).astype(int)
+               for y in ys]
+  y_fft = [np.fft.rfft(y) for y in ys]
   coarse = lags[::max(1, lags.size // 100)]
   if coarse[-1] != lags[-1]:
     coarse = np.append(coarse, lags[-1])
-  profile = {int(d): fit(int(d)) for d in coarse}
+  profile = {}
+  best_rss = np.full(num_shifts + 1, np.inf)
+  for d in coarse:
+    xs = designs(int(d))
+    cross = [np.fft.irfft(np.conj(np.fft.rfft(x, axis=0)) * yf[:, None], n=x.shape[0],
+                          axis=0)[si].T for x, yf, si in zip(xs, y_fft, shift_idx)]
+    pairs = [(x.T @ x, c) for x, c in zip(xs, cross)]
+    if shared_link:
+      pairs = [(sum(g for g, _ in pairs), sum(c for _, c in pairs))]
+    rss = rss0 - sum(np.sum(c * (_gram_pinv(g) @ c), axis=0) for g, c in pairs)
+    best_rss = np.minimum(best_rss, rss)
+    profile[int(d)] = float(rss[0])
+  # max R² ⇔ min RSS: Σy² is the same for every shift.
+  p_value = float((1 + np.sum(best_rss[1:] <= best_rss[0])) / (num_shifts + 1))
   crit = float(_stats.chi2.ppf(coverage, 1))
+  method = (f"circular-shift test of max_d R²(d) (lagged spline link vs a constant mean), "
+            f"{num_shifts} shifts, level {level:g}")
 
-  def stats_now():
-    ds = np.asarray(sorted(profile))
-    rs = np.asarray([profile[int(d)][0] for d in ds])
-    bi = int(np.argmin(rs))
-    res = profile[int(ds[bi])][1]
-    rho = float(np.clip(np.corrcoef(res[:-1], res[1:])[0, 1], 0.0, 0.99)) if res.size > 3 \
-        else 0.0
-    ne = n_obs * (1 - rho) / (1 + rho)
-    return ds, rs, bi, ne, ne * np.log(np.maximum(rs, 1e-300) / max(rs[bi], 1e-300))
-
-  ds, rs, bi, n_eff, stat = stats_now()
-  inside = ds[stat <= crit]
-  if inside.max() - inside.min() <= max_rel_width * max_lag and coarse.size < lags.size:
-    gap = int(coarse[1] - coarse[0])
-    for d in lags[(lags >= inside.min() - gap) & (lags <= inside.max() + gap)]:
+  def refine(lo_d, hi_d):
+    for d in lags[(lags >= lo_d) & (lags <= hi_d)]:
       if int(d) not in profile:
-        profile[int(d)] = fit(int(d))
-    ds, rs, bi, n_eff, stat = stats_now()
-  lags = ds
-  best_i = bi
-  inside = lags[stat <= crit]
-  lower, upper = float(inside.min()), float(inside.max())
+        profile[int(d)] = float(rss0 - explained(int(d), ys))
+
+  def current():
+    ds = np.asarray(sorted(profile))
+    rs = np.asarray([profile[int(d)] for d in ds])
+    return ds, rs, int(np.argmin(rs))
+
+  gap = int(coarse[1] - coarse[0]) if coarse.size > 1 else 1
+  ds, rs, bi = current()
+  refine(ds[bi] - 2 * gap, ds[bi] + 2 * gap)
+
+  def confidence(ne):
+    """Profile statistic n_eff·log(RSS/RSS_min), refined inside a narrow set, and its ends."""
+    ds, rs, bi = current()
+    stat = ne * np.log(np.maximum(rs, 1e-300) / max(rs[bi], 1e-300))
+    inside = ds[stat <= crit]
+    if inside.max() - inside.min() <= max_rel_width * max_lag and coarse.size < lags.size:
+      refine(inside.min() - gap, inside.max() + gap)
+      ds, rs, bi = current()
+      stat = ne * np.log(np.maximum(rs, 1e-300) / max(rs[bi], 1e-300))
+    return (ds, rs, bi, stat) + _crossings(ds, stat, crit)
+
+  def too_wide(ds, lower, upper):
+    return (upper >= ds[-1] and ds[-1] > 0) or upper - lower > max_rel_width * max_lag
+
+  n_eff = float(n_obs)
+  ds, rs, bi, stat, lower, upper = confidence(n_eff)
+  # The bootstrap only widens the i.i.d. interval: skip it when the answer is already "no".
+  if p_value <= level and not too_wide(ds, lower, upper):
+    # 2. Bootstrap calibration of the likelihood-ratio statistic at the estimate.
+    d_hat = int(ds[bi])
+    xs = designs(d_hat)
+    pairs = groups(xs, ys)
+    whiten = [_gram_whitener(g) for g, _ in pairs]
+    coefs = [t @ (t.T @ c) for t, (_, c) in zip(whiten, pairs)]
+    if shared_link:
+      coefs, whiten = coefs * len(xs), whiten * len(xs)
+    fit = [x @ c for x, c in zip(xs, coefs)]
+    rng = np.random.default_rng(seed)
+    boot = []
+    for ri, (y, f, rw) in enumerate(zip(ys, fit, rows)):
+      # Metric noise: phase-randomised residuals, the fit's leverage per frequency restored.
+      basis_fft = np.fft.rfft(xs[ri] @ whiten[ri], axis=0)
+      leverage = np.sum(np.abs(basis_fft) ** 2, axis=1) / y.size
+      ystar = f[:, None] + _surrogates(y - f, leverage, num_bootstrap, rng)
+      # Loss noise: δ = L̃ − L is the smoothing of the loss noise with the window the
+      # smoother chose; to first order the metric fit sees −ĝ'(L̃(t − d̂))·δ(t − d̂).
+      u = rw - d_hat
+      beta = coefs[ri]
+      tk = np.concatenate([[run_lims[ri][0]] * 4, run_knots[ri], [run_lims[ri][1]] * 4])
+      slope = np.nan_to_num(_interp.BSpline(tk, beta, 3).derivative()(
+          np.clip(regs[ri][u], *run_lims[ri])))
+      if noises[ri] > 0:
+        eps = np.fft.rfft(rng.normal(0.0, noises[ri], size=(regs[ri].size, num_bootstrap)),
+                          n=2 * regs[ri].size, axis=0)
+        hw = windows[ri][u]
+        delta = np.zeros((u.size, num_bootstrap))
+        for h in np.unique(hw[np.isfinite(hw)]).astype(int):
+          k = _sg_level(h) if h > 0 else np.ones(1)
+          kf = np.fft.rfft(k, n=2 * regs[ri].size)
+          conv = np.fft.irfft(eps * kf[:, None], n=2 * regs[ri].size, axis=0)
+          sel = hw == h
+          delta[sel] = conv[u[sel] + h]          # 'same' alignment of the symmetric kernel
+        ystar -= slope[:, None] * delta
+      boot.append(np.ascontiguousarray(ystar))
+    boot_ss = sum(np.sum(b * b, axis=0) for b in boot)
+    table = np.stack([boot_ss - explained(int(d), boot) for d in ds])        # (D, B*)
+    lr_star = n_obs * np.log(np.maximum(table[bi], 1e-300) / np.maximum(table.min(0), 1e-300))
+    q_hat = max(crit, float(np.quantile(lr_star, coverage)))
+    n_eff = n_obs * crit / q_hat
+    ds, rs, bi, stat, lower, upper = confidence(n_eff)
   width = upper - lower
+  r2 = 1.0 - float(rs[bi]) / rss0 if rss0 > 0 else 0.0
   reason = ""
-  if upper >= lags[-1] and lags[-1] > 0:
+  if p_value > level:
+    reason = (f"the lagged loss does not explain the metric: best-delay R² = {r2:.3g} is "
+              f"matched by circularly shifted metrics (p = {p_value:.3g} > level {level:g})")
+  elif upper >= ds[-1] and ds[-1] > 0:
     reason = ("the confidence set reaches the largest delay considered "
-              f"({int(lags[-1])}): delay and link are confounded (flat profile)")
+              f"({int(ds[-1])}): delay and link are confounded (flat profile)")
   elif width > max_rel_width * max_lag:
-    reason = (f"the confidence set spans [{lower:g}, {upper:g}], wider than "
+    reason = (f"the confidence set spans [{lower:.4g}, {upper:.4g}], wider than "
               f"{max_rel_width:g}·max_lag: the loss curve is too smooth to separate delay "
               "from threshold")
-  best = float(lags[best_i])
+  best = float(ds[bi])
   if reason:
-    return LagEstimate(NOT_IDENTIFIABLE, None, None, None, coverage, reason, lags, stat,
-                       float(n_eff), best)
-  return LagEstimate(IDENTIFIED, best, lower, upper, coverage, "", lags, stat, float(n_eff),
-                     best)
+    return LagEstimate(NOT_IDENTIFIABLE, None, None, None, coverage, reason, ds, stat,
+                       float(n_eff), best, p_value, r2, method)
+  return LagEstimate(IDENTIFIED, best, lower, upper, coverage, "", ds, stat, float(n_eff),
+                     best, p_value, r2, method)
 
 
 class HysteresisLoops(NamedTuple):

@@ -142,6 +142,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.monitor.min_history = 16  # finite values a stream needs before spike/shift tests
   c.monitor.lr_sharpness_limit = 2.0  # η·λ_c above this (the step raises the batch loss) ...
   c.monitor.unstable_sustain = 20  # ... for this many consecutive measured steps: unstable_lr
+  c.monitor.eos_window = 32  # edge of stability: spikes within this many steps of η·λ_c near
+  #   the limit (or rising eos_rise × above its baseline) are oscillation, not anomalies; 0: off
+  c.monitor.eos_band = (0.25, 1.25)  # η·λ_c / lr_sharpness_limit counted as "near the limit"
+  c.monitor.eos_rise = 10.0  # η·λ_c this many times its window median: an excursion starting
+  c.monitor.eos_max_loss_ratio = 100.0  # a loss above this × its window median stays an anomaly
   c.monitor.emergency_on = ("nonfinite", "spike", "unstable_lr")  # anomaly reasons that write
   #   a pinned emergency checkpoint of the state before the flagged update (others: logged)
   c.monitor.max_emergency_saves = 10  # cap on emergency checkpoints per run (pinned: kept)
@@ -409,6 +414,13 @@ def _validate_monitor(f: dict[str, Any], need) -> None:
   for key in ("monitor.spike_threshold", "monitor.shift_threshold",
               "monitor.lr_sharpness_limit", "monitor.half_life"):
     need(f[key] > 0, key, "must be > 0")
+  need(f["monitor.eos_window"] >= 0, "monitor.eos_window", "must be >= 0 (0 turns it off)")
+  band = f["monitor.eos_band"]
+  need(len(band) == 2 and all(isinstance(x, (int, float)) for x in band)
+       and 0 < band[0] <= 1 <= band[1], "monitor.eos_band",
+       "must be two fractions of monitor.lr_sharpness_limit (low, high) with 0 < low <= 1 <= high")
+  need(f["monitor.eos_rise"] > 1, "monitor.eos_rise", "must be > 1")
+  need(f["monitor.eos_max_loss_ratio"] > 1, "monitor.eos_max_loss_ratio", "must be > 1")
   need(0 < f["monitor.threshold"] < 1, "monitor.threshold", "must be in (0, 1)")
   t = f["monitor.tier_thresholds"]
   need(len(t) == 2 and all(isinstance(x, (int, float)) and 0 < x < 1 for x in t)

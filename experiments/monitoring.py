@@ -11,10 +11,10 @@ input structure, so it compiles once) with the step's metrics. It runs, in order
    of stability, see ``convergence._anomaly``) are *edge-of-stability oscillation*, not
    anomalies: logged as ``monitor/eos_oscillation``, no emergency checkpoint, no warning. A
    non-finite value, a loss above ``eos_max_loss_ratio`` × its window median, or a spike
-   while η·λ_c is steadily far below (or beyond) the edge stays an anomaly. The optional keys
+   while η·λ_c is steadily far below (or beyond) the edge stays an anomaly. The keys
    ``monitor.eos_window``, ``monitor.eos_band``, ``monitor.eos_rise``,
-   ``monitor.eos_max_loss_ratio`` override the detector's defaults (32 steps, (0.25, 1.25) ×
-   the limit, 10, 100); ``monitor.eos_window=0`` turns the classification off.
+   ``monitor.eos_max_loss_ratio`` set it (defaults 32 steps, (0.25, 1.25) × the limit, 10,
+   100, the detector's own); ``monitor.eos_window=0`` turns the classification off.
 2. ``convergence.evidence_tracker`` over the ``monitor.metrics`` (multi-scale windows,
    rolling-quantile baseline, Kalman level, stationarity test). A metric missing from a step
    (eval/loss between evaluations, a probe that is off) enters as NaN and is skipped.
@@ -211,10 +211,8 @@ class Monitor:
       raise ValueError(f"config.monitor.metrics names {self.names} collide once '/' and other "
                        "punctuation become '_'; rename one.")
     self._keys = dict(zip(self.names, keys))
-    # Edge-of-stability settings: optional config keys, the detector's defaults otherwise.
-    eos = {k: conv(m[k]) for k, conv in (("eos_window", int), ("eos_band", tuple),
-                                         ("eos_rise", float), ("eos_max_loss_ratio", float))
-           if k in m}
+    eos = {"eos_window": int(m.eos_window), "eos_band": tuple(float(x) for x in m.eos_band),
+           "eos_rise": float(m.eos_rise), "eos_max_loss_ratio": float(m.eos_max_loss_ratio)}
     self.detector = convergence.anomaly_detector(
         window=int(m.anomaly_window), short_window=int(m.anomaly_short_window),
         spike_threshold=float(m.spike_threshold), shift_threshold=float(m.shift_threshold),

@@ -310,14 +310,24 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
   axl.set_ylabel("loss")
   axl.set_xlabel("step")
 
+  # Edge-of-stability oscillation: light orange spans on every panel; unsettled dynamics (a
+  # level shift or η·λ_c above the limit inside the evidence window, which block "converged"):
+  # a grey strip along the bottom of the posterior panel.
+  st, flag = series(rows, "monitor/eos_oscillation")
+  for j, (lo, hi) in enumerate(_spans(st, flag > 0)):
+    for ax in (axp, axe, axl):
+      ax.axvspan(lo, hi, color="orange", alpha=0.2, lw=0,
+                 label="edge-of-stability oscillation" if (j == 0 and ax is axl) else None)
+  st, flag = series(rows, "monitor/unsettled")
+  for j, (lo, hi) in enumerate(_spans(st, flag > 0)):
+    axp.axvspan(lo, hi, ymin=0.0, ymax=0.03, color="0.4", alpha=0.8, lw=0,
+                label="unsettled: no convergence" if j == 0 else None)
   # Anomalies: red lines on every panel (non-finite losses are absent from the loss curve).
   st, flag = series(rows, "monitor/anomaly")
   anomalies = st[flag > 0]
-  # Light, thin marks: runs at the edge of stability flag long stretches of consecutive steps,
-  # which at full opacity would hide the curves underneath.
   for ax in (axp, axe, axl):
     for j, a in enumerate(anomalies):
-      ax.axvline(a, color="red", lw=0.6, alpha=0.12,
+      ax.axvline(a, color="red", lw=0.8, alpha=0.5,
                  label="anomaly" if (j == 0 and ax is axl) else None)
   # Tier events: saves and promotions of checkpoints, coloured by tier, at the step they
   # happened (a save of checkpoint s happens after loop step s − 1).

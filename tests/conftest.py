@@ -22,6 +22,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _OWNER = "LOSSLAB_TEST_JAX_CACHE" not in os.environ
 if _OWNER:
   os.environ["LOSSLAB_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="losslab-jax-cache-")
@@ -39,3 +41,43 @@ if os.environ.get("LOSSLAB_TEST_XLA_DEFAULTS", "") in ("", "0"):
 def pytest_unconfigure(config):  # pylint: disable=unused-argument
   if _OWNER:
     shutil.rmtree(os.environ["LOSSLAB_TEST_JAX_CACHE"], ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- scheduling
+# With ``-n 2`` the wall time is set by how evenly the two workers finish. The long end-to-end
+# tests (child processes with 8 simulated devices, two-process runs, trainer runs) go first, so
+# the many short unit tests fill in around them instead of one worker finishing a long test
+# alone at the end.
+_LONG_FIRST = ("tests/sharding/test_sharded_process.py", "tests/sharding/test_multihost.py",
+               "tests/experiments/")
+# Modules whose expensive module-scoped fixtures (a straight training run, a trained teacher)
+# are shared by their tests: each runs whole on one worker, so the fixture is built once.
+_ONE_WORKER_MODULES = ("tests/experiments/test_experiment_monitor.py",
+                       "tests/experiments/test_experiment_precision.py",
+                       "tests/experiments/test_experiment_distill.py",
+                       "tests/distill/test_features.py")
+
+
+def _module(nodeid: str) -> str:
+  return nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  def rank(item):
+    path = _module(item.nodeid)
+    return next((i for i, p in enumerate(_LONG_FIRST) if path.startswith(p)), len(_LONG_FIRST))
+  items.sort(key=rank)  # stable: collection order within a rank
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """Hand out one test at a time (one module for ``_ONE_WORKER_MODULES``), in the order above."""
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class _Scheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      module = _module(nodeid)
+      return module if module in _ONE_WORKER_MODULES else nodeid
+
+  return _Scheduling(config, log)

@@ -130,7 +130,10 @@ def test_full_batch_resume_after_crash_and_corrupt_checkpoint_is_bit_exact(tmp_p
 def test_minibatch_gpt_resume_restores_the_data_position(tmp_path, monkeypatch):
   config = _config("configs/olmo_style.py:wsd,smoke", num_steps=10,
                    **{"probe.preconditioned_every": 0, "eval_every": 5,
-                      "schedule.warmup_steps": 3, "checkpoint.every": 3})
+                      "schedule.warmup_steps": 3, "checkpoint.every": 3,
+                      # What this test is about is the data position; the monitor's and the
+                      # probes' states are resumed in the full-batch test above.
+                      "probe.lanczos_every": 0, "monitor.enabled": False})
   straight = str(tmp_path / "straight")
   trainer.train_and_evaluate(config, straight)
 
@@ -206,8 +209,11 @@ def test_sigkilled_cli_data_mixing_run_resumes_to_identical_metrics(tmp_path, co
   data_mixing: two data iterators, and the relative-sharpness searches warm-start from the
   previous measurement (host-side state that the checkpoint must carry).
   """
+  # The monitor's state in a checkpoint is resumed in the full-batch test; off here, its
+  # compilation would be most of this test's time.
   flags = {"num_steps": 20, "probe.relative_every": 3, "eval_every": 10,
-           "checkpoint.every": 4, "progress_bar": False, "plots": False}
+           "checkpoint.every": 4, "progress_bar": False, "plots": False,
+           "monitor.enabled": False}
   rng = np.random.default_rng(2024)
   kill_after_rows = int(rng.integers(6, 14))  # after ≥ 1 checkpoint committed
   straight = str(tmp_path / "straight")
