@@ -412,7 +412,9 @@ def scale_by_critical_sharpness(
   previous factor, :math:`s_t \leftarrow \text{smoothing}\, s_{t-1} + (1-\text{smoothing})\, s_t`.
 
   Non-finite or absent measurements (NaN sharpness, a skipped step with ``every`` > 1) keep the
-  previous factor; a measured :math:`\lambda_c = 0` (the loss never rises) gives ``max_scale``.
+  previous factor; a measured :math:`\lambda_c = 0` gives ``max_scale`` when the loss never rises
+  along the update (``STATUS_NO_RISE``) and ``min_scale`` when the update is not a descent
+  direction (``STATUS_NOT_DESCENT``: any step raises the loss to first order).
 
   Args:
     target: the desired :math:`\eta_{eff}\lambda_c`, below 2 for a step that lowers the loss.
@@ -439,7 +441,11 @@ def scale_by_critical_sharpness(
   def update_fn(updates, state, params=None, **extra_args):
     _, probe_state = probe.update(updates, state.probe, params, **extra_args)
     info = probe_state.info
-    raw = jnp.where(info.lr_sharpness > 0, target / info.lr_sharpness, max_scale)
+    # λ_c = 0 means two different things: the loss never rises along a descent direction
+    # (NO_RISE: lengthen, up to max_scale) or the update is not a descent direction at all
+    # (NOT_DESCENT: every step raises the loss to first order: shorten to min_scale).
+    raw = jnp.where(info.lr_sharpness > 0, target / info.lr_sharpness,
+                    jnp.where(info.status == _critical.STATUS_NOT_DESCENT, min_scale, max_scale))
     raw = jnp.clip(raw, min_scale, max_scale)
     new = smoothing * state.scale + (1 - smoothing) * raw
     usable = info.measured & jnp.isfinite(info.lr_sharpness)

@@ -262,16 +262,22 @@ def runtime_features(student_logits: jax.Array, labels: jax.Array, *,
   type. Entropies are divided by :math:`\log V` so they lie in [0, 1]. The result carries no
   gradient. Take ``.mean(0)`` for one feature vector per step.
 
-  NaN: a sequence with no valid position gets 0 for the means (not NaN); NaN logits give NaN.
+  Positions whose label lies outside ``[0, V)`` (the ``-100`` "ignore" convention) count as
+  masked. NaN: a sequence with no valid position gets 0 for the means (not NaN); NaN logits at a
+  valid position give NaN.
   """
   s = jax.lax.stop_gradient(jnp.asarray(student_logits, jnp.float32))
   b, t, v = s.shape
+  labels = jnp.asarray(labels)
+  valid = (labels >= 0) & (labels < v)
   m = jnp.ones((b, t), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+  m = jnp.where(valid, m, 0.0)
+  labels = jnp.where(valid, labels, 0)
   count = jnp.sum(m, axis=1)
   denom = jnp.maximum(count, 1.0)
 
-  def mmean(x):
-    return jnp.sum(x * m, axis=1) / denom
+  def mmean(x):  # where, not x·m: a value at a masked position (NaN, inf) must not leak
+    return jnp.sum(jnp.where(m > 0, x * m, 0.0), axis=1) / denom
 
   logp = jax.nn.log_softmax(s, axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]

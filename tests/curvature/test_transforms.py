@@ -272,3 +272,23 @@ def test_probe_metrics_directional_key_is_nan_unless_directional():
     else:
       assert np.isnan(ds) and np.isnan(float(jitted["curv/directional_sharpness"]))
     assert np.isfinite(float(metrics["curv/critical_sharpness"]))
+
+
+def test_controller_brakes_along_an_ascent_direction():
+  # Regression (issue 10 §4.5): λ_c = 0 from STATUS_NOT_DESCENT was mapped to max_scale,
+  # lengthening steps along a direction that raises the loss. An update of −g (ascent at unit
+  # LR: the chain applies params − lr·u with u = −g) must get min_scale; +g (descent along a
+  # linear loss, which never rises: STATUS_NO_RISE) keeps max_scale.
+  loss_fn = lambda p: jnp.sum(p["w"])        # linear: gradient 1, never turns back up
+  params = {"w": jnp.zeros(3)}
+  g = jax.grad(loss_fn)(params)
+  for sign, status, want in ((-1.0, curvature.STATUS_NOT_DESCENT, 0.25),
+                             (1.0, curvature.STATUS_NO_RISE, 2.0)):
+    tx = curvature.scale_by_critical_sharpness(target=1.0, learning_rate=0.1, min_scale=0.25,
+                                               max_scale=2.0)
+    state = tx.init(params)
+    u = jax.tree.map(lambda x: sign * x, g)
+    out, state = jax.jit(lambda u, s, p: tx.update(u, s, p, value_fn=loss_fn))(u, state, params)
+    assert int(state.probe.info.status) == status
+    assert float(state.scale) == want
+    np.testing.assert_array_equal(out["w"], want * u["w"])  # x·2^k is exact

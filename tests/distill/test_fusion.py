@@ -144,3 +144,23 @@ def test_runtime_features_against_numpy():
     frac1 = (types[b][m] == 1).mean()
     np.testing.assert_allclose(
         f[b], [nll, hs, m.mean(), ht, kl, 1 - frac1, frac1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_runtime_features_ignore_labels_of_minus_100(with_mask):
+  # Regression (issue 10 §4.2): labels of -100 (the "ignore" convention) gave NaN features,
+  # also where the mask excluded those positions; hinton_loss on the same input is finite.
+  rng = np.random.default_rng(1)
+  s = rng.normal(size=(2, 6, 5)).astype(np.float32)
+  t = rng.normal(size=(2, 6, 5)).astype(np.float32)
+  y = rng.integers(0, 5, (2, 6))
+  ignored = np.zeros((2, 6), bool)
+  ignored[0, 4:] = ignored[1, :2] = True
+  y_ignore = np.where(ignored, -100, y)
+  mask = (~ignored).astype(np.float32)
+  got = fusion.runtime_features(s, y_ignore, mask=mask if with_mask else None, teacher_logits=t)
+  want = fusion.runtime_features(s, y, mask=mask, teacher_logits=t)  # the same positions out
+  assert np.all(np.isfinite(np.asarray(got)))
+  # Same operations on the same valid values (a masked-out position contributes an exact 0):
+  # equal up to a few float32 roundings of the masked means.
+  np.testing.assert_allclose(got, want, rtol=8 * np.finfo(np.float32).eps, atol=0)
