@@ -38,6 +38,9 @@ SERIES = (  # key, label, colour, style
     ("curv/lambda_max", r"$\lambda_{max}(H)$ (Lanczos)", "C1", "o-"),
     ("curv/preconditioned_sharpness", r"$\lambda^{PH}_{max}$ (preconditioned)", "C2", "s-"),
 )
+# The Lanczos series and the flag that says whether its residual met the tolerance.
+CONVERGED_KEYS = {"curv/lambda_max": "curv/lambda_max_converged",
+                  "curv/preconditioned_sharpness": "curv/preconditioned_converged"}
 
 
 # Status codes of curvature.critical_sharpness (kept here so plotting needs no JAX).
@@ -128,6 +131,13 @@ def plot_sharpness(rows, config: dict, path: str, title: str = "") -> None:
     ax.plot(s, v, color=colour, lw=1.0 if marker is None else 1.2, marker=marker,
             ms=3 if marker else 0, label=label, alpha=0.9)
     plotted.append(v)
+    if key in CONVERGED_KEYS:  # Lanczos values whose Ritz residual missed its tolerance
+      cs, conv = series(rows, CONVERGED_KEYS[key])
+      bad = set(cs[conv == 0].tolist())
+      miss = np.array([i for i, st in enumerate(s) if st in bad], dtype=int)
+      if miss.size:
+        ax.plot(s[miss], v[miss], ls="none", marker="x", color="red", ms=6,
+                label=f"{label.split(' (')[0]} not converged")
   ax.set_yscale("log")
   if plotted:
     values = np.concatenate(plotted)

@@ -241,17 +241,27 @@ def make_eval_step(config, graphdef):
   return eval_step
 
 
+# One PRNG stream per randomised probe, so that λ_max and λ^PH measured at the same step do
+# not start their Lanczos runs from the same random vector.
+PROBE_STREAMS = {"lambda_max": 0, "preconditioned": 1}
+
+
+def probe_stream_key(key: jax.Array, step: int, probe: str) -> jax.Array:
+  """The key of ``probe`` (a name in :data:`PROBE_STREAMS`) at ``step``."""
+  return jax.random.fold_in(jax.random.fold_in(key, PROBE_STREAMS[probe]), step)
+
+
 def make_lanczos_fn(loss_fn, num_iters: int):
-  """``(params, batch, key) -> λ_max(H)`` of the batch loss, by Lanczos."""
+  """``(params, batch, key) -> (λ_max(H), converged)`` of the batch loss, by Lanczos."""
   def lanczos(params, batch, key):
     res = curvature.hessian_eigenvalues(lambda p: loss_fn(p, batch), params, k=1,
                                         num_iters=num_iters, key=key)
-    return res.eigenvalues[0]
+    return res.eigenvalues[0], res.converged.astype(jnp.int32)
   return lanczos
 
 
 def make_preconditioned_fn(loss_fn, config):
-  """``(params, opt_state, batch, key) -> λ_max(P^{-1/2} H P^{-1/2})`` with Adam's P."""
+  """``(params, opt_state, batch, key) -> (λ_max(P^{-1/2} H P^{-1/2}), converged)``, Adam's P."""
   o = config.optimizer
 
   def preconditioned(params, opt_state, batch, key):
@@ -259,7 +269,7 @@ def make_preconditioned_fn(loss_fn, config):
     res = curvature.preconditioned_sharpness(
         lambda p: loss_fn(p, batch), params, adam_state, b1=o.b1, b2=o.b2, eps=o.eps,
         num_iters=config.probe.lanczos_iters, key=key)
-    return res.eigenvalues[0]
+    return res.eigenvalues[0], res.converged.astype(jnp.int32)
   return preconditioned
 
 
@@ -685,8 +695,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = full if full is not None else put_batch(next(iterator), what="batch")
       extra = {}
       if lanczos is not None and due(p.lanczos_every, step):
-        extra["curv/lambda_max"] = lanczos(state.params, batch,
-                                           jax.random.fold_in(probe_key, step))
+        extra["curv/lambda_max"], extra["curv/lambda_max_converged"] = lanczos(
+            state.params, batch, probe_stream_key(probe_key, step, "lambda_max"))
       if relative is not None and due(p.relative_every, step):
         rel = relative(state.params, state.opt_state, batch, rel_guess)
         rel_guess = rel.step_size
@@ -700,8 +710,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       new_state, metrics = train_step(state, batch)
       if precond is not None and due(p.preconditioned_every, step):
         # P from the state after the step: v̂_t holds g_t, as in the unit-LR update Δθ_t.
-        extra["curv/preconditioned_sharpness"] = precond(
-            state.params, new_state.opt_state, batch, jax.random.fold_in(probe_key, step))
+        (extra["curv/preconditioned_sharpness"],
+         extra["curv/preconditioned_converged"]) = precond(
+             state.params, new_state.opt_state, batch, probe_stream_key(probe_key, step, "preconditioned"))
       metrics.update(extra)
       metrics = jax.device_get(metrics)
       mout = None

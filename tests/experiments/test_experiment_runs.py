@@ -51,6 +51,10 @@ def test_edge_of_stability_smoke(tmp_path):
   lam = {r["step"]: r["curv/lambda_max"] for r in rows if "curv/lambda_max" in r}
   assert sorted(lam) == [0, 6, 11]  # every 6 steps and the last step
   assert all(v > 0 and math.isfinite(v) for v in lam.values())
+  # The Lanczos result's own convergence flag travels with each value (issue 10 §4.8).
+  conv = {r["step"]: r["curv/lambda_max_converged"] for r in rows
+          if "curv/lambda_max_converged" in r}
+  assert sorted(conv) == sorted(lam) and set(conv.values()) <= {0, 1}
   # GD: λ_c along the gradient is a weighted mean of the Hessian's eigenvalues, ≤ λ_max.
   for step, v in lam.items():
     assert rows[step]["curv/critical_sharpness"] <= 1.05 * v
@@ -68,6 +72,9 @@ def test_edge_of_stability_adam_smoke(tmp_path):
   rows = _check_run_dir(workdir, 6)
   ph = [r["curv/preconditioned_sharpness"] for r in rows if "curv/preconditioned_sharpness" in r]
   assert len(ph) == 2 and all(v > 0 and math.isfinite(v) for v in ph)
+  conv = [r["curv/preconditioned_converged"] for r in rows
+          if "curv/preconditioned_sharpness" in r]
+  assert len(conv) == 2 and set(conv) <= {0, 1}
   assert summary["jit_compilations"] == 1
 
 

@@ -86,3 +86,15 @@ def test_adamw_preconditioner_is_the_unit_lr_update():
   ref_updates, _ = ref.update(grads, ref.init(params), params)
   for a, b in zip(jax.tree.leaves(direction), jax.tree.leaves(ref_updates)):
     np.testing.assert_allclose(-a, b, rtol=1e-6)
+
+
+def test_randomised_probes_draw_independent_keys():
+  # Regression (issue 10 §4.3): λ_max and λ^PH at one step started Lanczos from the same key.
+  key = jax.random.key(0)
+  data = lambda k: np.asarray(jax.random.key_data(k))
+  keys = {(probe, step): data(trainer.probe_stream_key(key, step, probe))
+          for probe in trainer.PROBE_STREAMS for step in (0, 1, 7)}
+  assert len({k.tobytes() for k in keys.values()}) == len(keys)  # all distinct
+  # Deterministic: the same (probe, step) gives the same key (resume replays it).
+  np.testing.assert_array_equal(data(trainer.probe_stream_key(key, 7, "lambda_max")),
+                                keys[("lambda_max", 7)])
