@@ -199,6 +199,67 @@ def _crossings(lags, stat, crit):
   return lower, upper
 
 
+def _check_args(losses, metrics, *, max_lag, lag_step, coverage, num_knots, level, num_shifts,
+                num_bootstrap, seed) -> None:
+  """The checks of :func:`estimate_lag`'s arguments, each naming the argument."""
+  if len(losses) != len(metrics):
+    raise ValueError(f"got {len(losses)} loss runs and {len(metrics)} metric runs")
+  for i, (l, m) in enumerate(zip(losses, metrics)):
+    if l.shape != m.shape:
+      raise ValueError(f"run {i}: loss and metric lengths differ ({l.size} vs {m.size})")
+  if not isinstance(max_lag, (int, np.integer)) or max_lag < 1:
+    raise ValueError(f"`max_lag` must be an int >= 1, got {max_lag!r}")
+  if not isinstance(lag_step, (int, np.integer)) or lag_step < 1:
+    raise ValueError(f"`lag_step` must be an int >= 1, got {lag_step!r}")
+  if not 0 < coverage < 1:
+    raise ValueError(f"`coverage` must be in (0, 1), got {coverage!r}")
+  if not isinstance(num_knots, int) or num_knots < 1:
+    raise ValueError(f"`num_knots` must be an int >= 1, got {num_knots!r}")
+  if not 0 < level < 1:
+    raise ValueError(f"`level` must be in (0, 1), got {level!r}")
+  if (not isinstance(num_shifts, (int, np.integer)) or isinstance(num_shifts, bool)
+      or num_shifts + 1 < 1 / level):
+    raise ValueError(f"`num_shifts` must be an int >= 1/level - 1 = {math.ceil(1 / level - 1)} "
+                     f"(the smallest p-value is 1/(num_shifts + 1)), got {num_shifts!r}")
+  if (not isinstance(num_bootstrap, (int, np.integer)) or isinstance(num_bootstrap, bool)
+      or num_bootstrap < 19):
+    raise ValueError(f"`num_bootstrap` must be an int >= 19, got {num_bootstrap!r}")
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    raise ValueError(f"`seed` must be an int, got {seed!r}")
+  for i, l in enumerate(losses):
+    if l.size < max_lag + 4 * (num_knots + 4):
+      raise ValueError(f"run {i}: {l.size} samples is too short for max_lag={max_lag} "
+                       f"and {num_knots} knots")
+
+
+def _bootstrap_metric(y, fit, white_basis, u, coef, knots, lims, reg, noise, window,
+                      num_bootstrap, rng) -> np.ndarray:
+  """(n, B) bootstrap metrics of one run at the estimated delay: the fit, plus metric noise
+  (phase-randomised residuals with the fit's leverage per frequency restored), minus the
+  first-order effect of the loss-smoothing error at the lagged samples ``u``."""
+  # Metric noise: phase-randomised residuals, the fit's leverage per frequency restored.
+  basis_fft = np.fft.rfft(white_basis, axis=0)
+  leverage = np.sum(np.abs(basis_fft) ** 2, axis=1) / y.size
+  ystar = fit[:, None] + _surrogates(y - fit, leverage, num_bootstrap, rng)
+  # Loss noise: δ = L̃ − L is the smoothing of the loss noise with the window the smoother
+  # chose; to first order the metric fit sees −ĝ'(L̃(t − d̂))·δ(t − d̂).
+  tk = np.concatenate([[lims[0]] * 4, knots, [lims[1]] * 4])
+  slope = np.nan_to_num(_interp.BSpline(tk, coef, 3).derivative()(np.clip(reg[u], *lims)))
+  if noise > 0:
+    eps = np.fft.rfft(rng.normal(0.0, noise, size=(reg.size, num_bootstrap)),
+                      n=2 * reg.size, axis=0)
+    hw = window[u]
+    delta = np.zeros((u.size, num_bootstrap))
+    for h in np.unique(hw[np.isfinite(hw)]).astype(int):
+      k = _sg_level(h) if h > 0 else np.ones(1)
+      kf = np.fft.rfft(k, n=2 * reg.size)
+      conv = np.fft.irfft(eps * kf[:, None], n=2 * reg.size, axis=0)
+      sel = hw == h
+      delta[sel] = conv[u[sel] + h]          # 'same' alignment of the symmetric kernel
+    ystar -= slope[:, None] * delta
+  return ystar
+
+
 def estimate_lag(
     loss,
     metric,
@@ -264,34 +325,9 @@ def estimate_lag(
   26 (1997) for phase-randomised (Fourier) surrogates and bootstrap.
   """
   losses, metrics = _as_runs(loss, "loss"), _as_runs(metric, "metric")
-  if len(losses) != len(metrics):
-    raise ValueError(f"got {len(losses)} loss runs and {len(metrics)} metric runs")
-  for i, (l, m) in enumerate(zip(losses, metrics)):
-    if l.shape != m.shape:
-      raise ValueError(f"run {i}: loss and metric lengths differ ({l.size} vs {m.size})")
-  if not isinstance(max_lag, (int, np.integer)) or max_lag < 1:
-    raise ValueError(f"`max_lag` must be an int >= 1, got {max_lag!r}")
-  if not isinstance(lag_step, (int, np.integer)) or lag_step < 1:
-    raise ValueError(f"`lag_step` must be an int >= 1, got {lag_step!r}")
-  if not 0 < coverage < 1:
-    raise ValueError(f"`coverage` must be in (0, 1), got {coverage!r}")
-  if not isinstance(num_knots, int) or num_knots < 1:
-    raise ValueError(f"`num_knots` must be an int >= 1, got {num_knots!r}")
-  if not 0 < level < 1:
-    raise ValueError(f"`level` must be in (0, 1), got {level!r}")
-  if (not isinstance(num_shifts, (int, np.integer)) or isinstance(num_shifts, bool)
-      or num_shifts + 1 < 1 / level):
-    raise ValueError(f"`num_shifts` must be an int >= 1/level - 1 = {math.ceil(1 / level - 1)} "
-                     f"(the smallest p-value is 1/(num_shifts + 1)), got {num_shifts!r}")
-  if (not isinstance(num_bootstrap, (int, np.integer)) or isinstance(num_bootstrap, bool)
-      or num_bootstrap < 19):
-    raise ValueError(f"`num_bootstrap` must be an int >= 19, got {num_bootstrap!r}")
-  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-    raise ValueError(f"`seed` must be an int, got {seed!r}")
-  for i, l in enumerate(losses):
-    if l.size < max_lag + 4 * (num_knots + 4):
-      raise ValueError(f"run {i}: {l.size} samples is too short for max_lag={max_lag} "
-                       f"and {num_knots} knots")
+  _check_args(losses, metrics, max_lag=max_lag, lag_step=lag_step, coverage=coverage,
+              num_knots=num_knots, level=level, num_shifts=num_shifts,
+              num_bootstrap=num_bootstrap, seed=seed)
 
   if smooth:
     fps = [_trajectory.local_derivatives(l) for l in losses]
@@ -440,29 +476,9 @@ def estimate_lag(
     rng = np.random.default_rng(seed)
     boot = []
     for ri, (y, f, rw) in enumerate(zip(ys, fit, rows)):
-      # Metric noise: phase-randomised residuals, the fit's leverage per frequency restored.
-      basis_fft = np.fft.rfft(xs[ri] @ whiten[ri], axis=0)
-      leverage = np.sum(np.abs(basis_fft) ** 2, axis=1) / y.size
-      ystar = f[:, None] + _surrogates(y - f, leverage, num_bootstrap, rng)
-      # Loss noise: δ = L̃ − L is the smoothing of the loss noise with the window the
-      # smoother chose; to first order the metric fit sees −ĝ'(L̃(t − d̂))·δ(t − d̂).
-      u = rw - d_hat
-      beta = coefs[ri]
-      tk = np.concatenate([[run_lims[ri][0]] * 4, run_knots[ri], [run_lims[ri][1]] * 4])
-      slope = np.nan_to_num(_interp.BSpline(tk, beta, 3).derivative()(
-          np.clip(regs[ri][u], *run_lims[ri])))
-      if noises[ri] > 0:
-        eps = np.fft.rfft(rng.normal(0.0, noises[ri], size=(regs[ri].size, num_bootstrap)),
-                          n=2 * regs[ri].size, axis=0)
-        hw = windows[ri][u]
-        delta = np.zeros((u.size, num_bootstrap))
-        for h in np.unique(hw[np.isfinite(hw)]).astype(int):
-          k = _sg_level(h) if h > 0 else np.ones(1)
-          kf = np.fft.rfft(k, n=2 * regs[ri].size)
-          conv = np.fft.irfft(eps * kf[:, None], n=2 * regs[ri].size, axis=0)
-          sel = hw == h
-          delta[sel] = conv[u[sel] + h]          # 'same' alignment of the symmetric kernel
-        ystar -= slope[:, None] * delta
+      ystar = _bootstrap_metric(
+          y, f, xs[ri] @ whiten[ri], rw - d_hat, coefs[ri], run_knots[ri], run_lims[ri],
+          regs[ri], noises[ri], windows[ri], num_bootstrap, rng)
       boot.append(np.ascontiguousarray(ystar))
     boot_ss = sum(np.sum(b * b, axis=0) for b in boot)
     table = np.stack([boot_ss - explained(int(d), boot) for d in ds])        # (D, B*)
