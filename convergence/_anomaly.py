@@ -14,7 +14,7 @@ a jit-able ``(init, update)`` detector flags
 Only increases count as spikes or shifts (a falling loss is not an anomaly). The reason is a
 bit mask, so one step can carry several reasons (:func:`reason_names` decodes it).
 
-Edge of stability (issue 9 §5). Under full-batch GD (and Adam, Cohen et al. 2021, 2022) the
+Edge of stability. Under full-batch GD (and Adam, Cohen et al. 2021, 2022) the
 sharpness rises to the stability threshold and the run then *oscillates* there: η·λ_c climbs
 from ≪ 2 to ≈ 2 within a few dozen steps, the gradient norm grows along the sharp direction
 (×57 in ``configs/edge_of_stability.py``), the loss rises (×3) and falls back, and η·λ_c keeps

@@ -19,8 +19,8 @@ run. Every delay is fitted on the same samples t ≥ d_max, so the residual sums
 RSS(d) are comparable. Three checks decide whether a lag is reported.
 
 1. No-relation test. Under pure noise the profile RSS(d) still has a sharp, random minimum
-   (issue 9: white noise was "identified" in 7 of 20 seeds), so the first question is whether
-   the lagged loss explains the metric at all. The statistic is the best-delay fit,
+   (without this test, white noise was "identified" in 7 of 20 seeds), so the first question
+   is whether the lagged loss explains the metric at all. The statistic is the best-delay fit,
 
        T = max_d R²(d),      R²(d) = 1 − RSS(d) / RSS₀      (RSS₀: a constant mean),
 

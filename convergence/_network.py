@@ -24,7 +24,7 @@ node. Older evidence decays at a per-metric rate: the accumulated log-likelihood
 as λ^(ρ^a) (a tempered likelihood). Fast, noisy metrics (gradients) get a short half-life,
 slow ones (generalisation) a long one.
 
-Unsettled dynamics (issue 9 §5). A run whose loss shifted level, or whose η·λ_c exceeded the
+Unsettled dynamics. A run whose loss shifted level, or whose η·λ_c exceeded the
 stability limit, within the last ``settle_window`` steps is not converged, however settled the
 windowed evidence looks (at the edge of stability the loss falls smoothly for hundreds of
 steps between excursions). The context carries the two ages

@@ -445,6 +445,16 @@ def _validate_monitor(f: dict[str, Any], need) -> None:
     parse_monitor_metric(spec, defaults)
 
 
+def config_module(path: str):
+  """The module of a config file, executed (its ``get_config`` not called)."""
+  name = "_losslab_config_" + "".join(
+      c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
   """Load ``path/to/config.py[:arg]`` like ``--config`` does, apply ``overrides``, validate.
 
@@ -454,9 +464,7 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collec
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist.")
-  module_spec = importlib.util.spec_from_file_location("_losslab_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = config_module(path)
   config = module.get_config(arg) if arg else module.get_config()
   flat_known = _flatten(config)
   for key, value in (overrides or {}).items():

@@ -959,11 +959,8 @@ def plot_comparison(results: dict[str, dict], path: str) -> None:
 def compare(workdir: str, presets: list[str], extra: str = "", overrides=None) -> dict:
   """Run ``configs/distill.py:<preset>[,extra]`` for every preset (``a+b`` = presets a and b
   together, e.g. ``temporal+adaptive``); the teacher is trained once and shared."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      "distill_config", os.path.join(os.path.dirname(__file__), "..", "configs", "distill.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = config_lib.config_module(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "distill.py"))
   results, teacher_dir = {}, ""
   for name in presets:
     cfg = mod.get_config(",".join(p for p in name.split("+") + extra.split(",") if p))

@@ -133,9 +133,8 @@ def plot_sharpness(rows, config: dict, path: str, title: str = "") -> None:
     plotted.append(v)
     if key in CONVERGED_KEYS:  # Lanczos values whose Ritz residual missed its tolerance
       cs, conv = series(rows, CONVERGED_KEYS[key])
-      bad = set(cs[conv == 0].tolist())
-      miss = np.array([i for i, st in enumerate(s) if st in bad], dtype=int)
-      if miss.size:
+      miss = np.isin(s, cs[conv == 0])
+      if miss.any():
         ax.plot(s[miss], v[miss], ls="none", marker="x", color="red", ms=6,
                 label=f"{label.split(' (')[0]} not converged")
   ax.set_yscale("log")

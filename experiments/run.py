@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import difflib
 import glob
-import importlib.util
 import json
 import logging as std_logging
 import os
@@ -39,6 +38,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from experiments import config_lib
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -56,15 +57,6 @@ _HELP_FLAGS = ("help", "helpshort", "helpfull", "?", "h")
 _SEE_HELP = "python -m experiments.run --help lists the configs, their presets and the flags."
 
 
-def _load_config_module(path: str):
-  """The module of a config file (executed, ``get_config`` not called)."""
-  name = "_losslab_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _shown(path: str) -> str:
   """``path`` relative to the working directory when it lies below it."""
   rel = os.path.relpath(path)
@@ -78,7 +70,7 @@ def config_listing() -> str:
     if os.path.basename(path).startswith("_"):
       continue
     try:
-      module = _load_config_module(path)
+      module = config_lib.config_module(path)
       about = (module.__doc__ or "").strip().splitlines()
       about = about[0] if about else "(no docstring)"
       presets = ", ".join(getattr(module, "PRESETS", ())) or "none"
@@ -124,7 +116,7 @@ def _unknown_override(argv: list[str]) -> str | None:
   spec = _config_spec(argv)
   path, _, arg = (spec or "").partition(":")
   try:
-    module = _load_config_module(path)
+    module = config_lib.config_module(path)
     config = module.get_config(arg) if arg else module.get_config()
   except Exception:  # pylint: disable=broad-except  # the caller falls back to ml_collections' text
     return None
@@ -214,7 +206,6 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"usage error: unexpected positional arguments {argv[1:]} (flags take the form "
              f"--name=value).\n{_SEE_HELP}")
-  from experiments import config_lib  # pylint: disable=g-import-not-at-top
   try:
     raw = _CONFIG.value
     distilling = "distill" in raw  # a distill block: experiments.distillation

@@ -710,9 +710,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       new_state, metrics = train_step(state, batch)
       if precond is not None and due(p.preconditioned_every, step):
         # P from the state after the step: v̂_t holds g_t, as in the unit-LR update Δθ_t.
+        key = probe_stream_key(probe_key, step, "preconditioned")
         (extra["curv/preconditioned_sharpness"],
          extra["curv/preconditioned_converged"]) = precond(
-             state.params, new_state.opt_state, batch, probe_stream_key(probe_key, step, "preconditioned"))
+             state.params, new_state.opt_state, batch, key)
       metrics.update(extra)
       metrics = jax.device_get(metrics)
       mout = None

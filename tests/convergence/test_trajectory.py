@@ -98,7 +98,8 @@ def test_fixed_window_equals_savitzky_golay():
   amat = tj._basis_derivatives(0.0, order, 3) / (float(h) ** np.arange(4))[:, None]
   log_n = np.log2(2 * T.size)
   d_rhs = eps * log_n * np.linalg.norm(y - y.mean()) * np.linalg.norm(phi, axis=0)
-  d_gram = eps * log_n * np.sqrt(T.size) * np.sqrt(((phi[:, :, None] * phi[:, None, :]) ** 2).sum(0))
+  pair_norms = np.sqrt(((phi[:, :, None] * phi[:, None, :]) ** 2).sum(0))  # ‖φ_a φ_b‖₂
+  d_gram = eps * log_n * np.sqrt(T.size) * pair_norms
   coef = np.abs(np.linalg.solve(gram, phi.T @ (windows - y.mean()).T)).max(1)
   bound = np.abs(amat) @ (np.abs(np.linalg.inv(gram)) @ (d_rhs + d_gram @ coef))
   # scipy's weights come from a least-squares solve on the unscaled Vandermonde (j up to 40⁴):
