@@ -216,15 +216,17 @@ def test_fingerprints_of_arrays_spread_over_two_processes(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
   procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port)], env=env, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = []
   for p in procs:
     try:
-      out, _ = p.communicate(timeout=240)
+      # stderr apart: Gloo's C++ logging writes there unbuffered and, merged with stdout,
+      # could land inside the RESULT line.
+      out, err = p.communicate(timeout=240)
     finally:
       p.kill()
-    assert p.returncode == 0, out[-5000:]
+    assert p.returncode == 0, (out[-3000:], err[-3000:])
     outs.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
   want = _checksum.state_fingerprints({"x": GLOBAL, "step": 3})
   for out in outs:
