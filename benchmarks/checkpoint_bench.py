@@ -20,9 +20,9 @@ convergence monitor's state included in the payload) and measures, all in this r
 
 Each save starts after the previous one committed (``steps_between`` train steps in between,
 then ``wait_until_finished``, not timed), as with the runner's ``checkpoint.every`` = 100.
-The monitor state is saved packed (``experiments.monitoring.pack``), as the runner does.
+The monitor state is saved packed (``convergence.Monitor.pack``), as the runner does.
 
-Ratios are against the train step of the same run. Target (issue 3 §8): stall < 10 % of a step.
+Ratios are against the train step of the same run. Target: stall < 10 % of a step.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main() -> None:
                                                 optimizer.tx.init(params)))
   _, iterator, _ = trainer._batches(config, dataset)  # pylint: disable=protected-access
   train_step = jax.jit(trainer.make_train_step(loss_fn, value_and_grad, optimizer.tx, schedule))
-  monitor = monitoring.Monitor(config)
+  monitor = monitoring.from_config(config)
   mstate = monitor.init()
   probe_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   rel_guess = jnp.ones((2, 2), jnp.float32)

@@ -10,7 +10,7 @@ kernel (the teacher is frozen), from final hidden states ``[T, H]`` of both mode
 ``grad_mode="fused"`` / ``"remat"``. Peak memory is XLA's compiled memory analysis
 (arguments + outputs + temporaries − aliased, i.e. everything the executable holds at once;
 compile only, so it is also reported where running would not fit). Time is the median of a
-few runs after a warm-up. Targets (issue 4, §5): ≥ 80 % less peak memory than naive at
+few runs after a warm-up. Targets: ≥ 80 % less peak memory than naive at
 T × V = 8,192 × 32k, memory flat as T grows, time ≤ 1.3× naive.
 """
 

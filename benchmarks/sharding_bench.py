@@ -1,4 +1,4 @@
-"""Per-device memory of the fully-sharded layout at 1, 2, 4 and 8 devices (issue 5 §5).
+"""Per-device memory of the fully-sharded layout at 1, 2, 4 and 8 devices.
 
     python benchmarks/sharding_bench.py            # GPT 6 × 512 (≈ 19 M parameters)
     python benchmarks/sharding_bench.py --quick    # GPT 2 × 128

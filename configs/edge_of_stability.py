@@ -62,7 +62,7 @@ def get_config(arg: str = ""):
   c.probe.every = 1  # every step
   c.probe.directional = True  # also ΔθᵀHΔθ/Δθᵀg (one HVP per step)
   c.probe.lanczos_every = 10  # λ_max(H) by Lanczos every 10 steps
-  c.probe.lanczos_iters = 20  # enough for the top eigenvalue (REFERENCES §2)
+  c.probe.lanczos_iters = 20  # the top eigenvalue of this MLP converges in ~20 HVPs
   c.probe.preconditioned_every = 0  # GD has no preconditioner
 
   c.log_every = 1  # a metrics row every step

@@ -1,6 +1,6 @@
-"""Anomaly detection on the training streams, an optax guard, and the seed-000 probes.
+"""Anomaly detection on the training streams, an optax guard, and training-dynamics probes.
 
-Streaming part (issue 3 §5): from the loss, gradient-norm and update-norm streams and η·λ_c,
+Streaming part: from the loss, gradient-norm and update-norm streams and η·λ_c,
 a jit-able ``(init, update)`` detector flags
 
 * non-finite values (``REASON_NONFINITE``),
@@ -8,7 +8,8 @@ a jit-able ``(init, update)`` detector flags
   previous ``window`` values above ``spike_threshold`` (``REASON_SPIKE``),
 * level shifts: the robust z-score of the median of the last ``short_window`` values against
   the long window above ``shift_threshold`` (``REASON_LEVEL_SHIFT``),
-* η·λ_c above ``lr_sharpness_limit`` (2: the step raises the batch loss, REFERENCES §1) for
+* η·λ_c above ``lr_sharpness_limit`` (2: the step raises the batch loss; critical sharpness,
+  Kalra et al. 2026, arXiv 2601.16979) for
   ``sustain`` consecutive measured steps (``REASON_UNSTABLE_LR``).
 
 Only increases count as spikes or shifts (a falling loss is not an anomaly). The reason is a
@@ -50,9 +51,9 @@ classification: an oscillating run is not a converged one
 whose anomaly reason matches ``skip_on`` returns zero updates and keeps the inner state (so a
 NaN never reaches Adam's moments), at most ``max_consecutive_skips`` times in a row.
 
-Pure-function probes (seed 000): activation entropy, distance between activation
-distributions, mapping consistency, a performance forecast with a bootstrap band, and a
-forgetting probe.
+Plain functions on recorded series (not optax transformations): activation entropy, distance
+between activation distributions, mapping consistency, a performance forecast with a bootstrap
+band, and forgetting detection (:func:`detect_forgetting`).
 """
 
 from __future__ import annotations
@@ -176,6 +177,108 @@ def _empty_info() -> AnomalyInfo:
                      steps_since_lr_above_limit=jnp.int32(NEVER))
 
 
+def _check_detector_args(*, window, short_window, min_history, sustain, spike_threshold,
+                         shift_threshold, eos_window, eos_band, eos_rise, eos_max_loss_ratio):
+  """The checks of :func:`anomaly_detector`'s arguments, each naming the argument."""
+  for name, v in (("window", window), ("short_window", short_window),
+                  ("min_history", min_history), ("sustain", sustain)):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f"`{name}` must be an int >= 1, got {v!r}")
+  if short_window > window:
+    raise ValueError(f"`short_window` ({short_window}) must be <= `window` ({window})")
+  if min_history > window:
+    raise ValueError(f"`min_history` ({min_history}) must be <= `window` ({window})")
+  if not (spike_threshold > 0 and shift_threshold > 0):
+    raise ValueError("`spike_threshold` and `shift_threshold` must be > 0, got "
+                     f"{spike_threshold!r}, {shift_threshold!r}")
+  if not isinstance(eos_window, int) or eos_window < 0:
+    raise ValueError(f"`eos_window` must be an int >= 0 (0 = off), got {eos_window!r}")
+  if not (len(eos_band) == 2 and 0 <= eos_band[0] <= 1 <= eos_band[1]):
+    raise ValueError("`eos_band` must be (low, high) fractions of `lr_sharpness_limit` with "
+                     f"0 <= low <= 1 <= high, got {eos_band!r}")
+  if not (eos_max_loss_ratio > 1 and eos_rise > 1):
+    raise ValueError("`eos_max_loss_ratio` and `eos_rise` must be > 1, got "
+                     f"{eos_max_loss_ratio!r}, {eos_rise!r}")
+
+
+def _streams(*values):
+  """(x, present): the (3,) float32 stream values (NaN for a missing one) and which were given."""
+  vals, present = [], []
+  for v in values:
+    present.append(v is not None)
+    vals.append(jnp.float32(jnp.nan) if v is None else jnp.asarray(v, jnp.float32))
+  return jnp.stack(vals), jnp.asarray(present)
+
+
+def _since(hit, old):
+  """A "steps since" counter: 0 on a hit, else one more (saturating at :data:`NEVER`)."""
+  return jnp.where(hit, 0, jnp.minimum(old + 1, NEVER)).astype(jnp.int32)
+
+
+def _window_scores(state: AnomalyState, x, present, *, window, short_window, min_history):
+  """(spike z, the history with this step written, shift z) of the three streams.
+
+  Spike: this step's robust z against the previous ``window`` values; shift: the robust z of
+  the median of the last ``short_window`` values (this one included) against the same
+  window. NaN while a stream has fewer than ``min_history`` finite values, or is missing.
+  """
+  hist = state.history
+  finite = jnp.isfinite(x)
+  enough = jnp.sum(jnp.isfinite(hist), axis=0) >= min_history
+  spike_z = jnp.where(enough & present, robust_zscore(x, hist), jnp.nan)
+  new_hist = hist.at[state.position].set(jnp.where(finite & present, x, jnp.nan))
+  recent_idx = (state.position - jnp.arange(short_window)) % window
+  short_med = jnp.nanmedian(new_hist[recent_idx], axis=0)
+  shift_z = jnp.where(enough & present, robust_zscore(short_med, hist), jnp.nan)
+  return spike_z, new_hist, shift_z
+
+
+def _edge_context(state: AnomalyState, s, measured, *, min_history, eos_rise, edge_lo, edge_hi,
+                  eos_window):
+  """(steps since the edge, last measured η·λ_c, whether the edge context holds).
+
+  At the edge: η·λ_c measured in the band [edge_lo, edge_hi] or risen ``eos_rise``-fold above
+  its window median; the context holds within ``eos_window`` steps of that (this one
+  included) while the last measured η·λ_c is not beyond the band.
+  """
+  lr_hist = state.lr_history
+  rising = ((jnp.sum(jnp.isfinite(lr_hist)) >= min_history)
+            & (s >= eos_rise * jnp.nanmedian(lr_hist)))  # NaN median compares False
+  steps_since_edge = _since(measured & ((s >= edge_lo) | rising) & (s <= edge_hi),
+                            state.steps_since_edge)
+  last = jnp.where(measured, s, state.last_lr_sharpness)
+  edge = (steps_since_edge < eos_window) & ~(last > edge_hi)
+  return steps_since_edge, last, edge
+
+
+def _classify(reason, edge, loss_history, loss_present, loss, *, eos_max_loss_ratio):
+  """(oscillation, its reason bits, the remaining anomaly bits) of one step.
+
+  In the edge context, spike / shift / sustained-η·λ_c bits are edge-of-stability
+  oscillation, unless the loss is far above its window median (a fault even at the edge; a
+  NaN median, before any history, sets no cap). Non-finite bits always stay anomalies.
+  """
+  classified = REASON_SPIKE | REASON_LEVEL_SHIFT | REASON_UNSTABLE_LR  # may be oscillation
+  med_loss = jnp.nanmedian(loss_history)
+  too_high = loss_present & (loss > med_loss + (eos_max_loss_ratio - 1) * jnp.abs(med_loss))
+  oscillation = edge & ~too_high & ((reason & classified) != 0)
+  eos_reason = jnp.where(oscillation, reason & classified, 0).astype(jnp.int32)
+  reason = jnp.where(oscillation, reason & ~classified, reason).astype(jnp.int32)
+  return oscillation, eos_reason, reason
+
+
+def _initial_state(window: int) -> AnomalyState:
+  never = jnp.int32(NEVER)
+  return AnomalyState(count=jnp.int32(0),
+                      history=jnp.full((window, 3), jnp.nan, jnp.float32),
+                      lr_history=jnp.full((window,), jnp.nan, jnp.float32),
+                      position=jnp.int32(0), unstable_run=jnp.int32(0),
+                      total_flagged=jnp.int32(0),
+                      last_lr_sharpness=jnp.float32(jnp.nan), steps_since_edge=never,
+                      steps_since_level_shift=never, steps_since_lr_above_limit=never,
+                      eos_run=jnp.int32(0), total_eos=jnp.int32(0), info=_empty_info())
+
+
 def anomaly_detector(
     *,
     window: int = 64,
@@ -222,60 +325,28 @@ def anomaly_detector(
   Returns:
     An :class:`AnomalyDetector` of pure, jit-able closures.
   """
-  for name, v in (("window", window), ("short_window", short_window),
-                  ("min_history", min_history), ("sustain", sustain)):
-    if not isinstance(v, int) or v < 1:
-      raise ValueError(f"`{name}` must be an int >= 1, got {v!r}")
-  if short_window > window:
-    raise ValueError(f"`short_window` ({short_window}) must be <= `window` ({window})")
-  if min_history > window:
-    raise ValueError(f"`min_history` ({min_history}) must be <= `window` ({window})")
-  if not (spike_threshold > 0 and shift_threshold > 0):
-    raise ValueError("`spike_threshold` and `shift_threshold` must be > 0, got "
-                     f"{spike_threshold!r}, {shift_threshold!r}")
-  if not isinstance(eos_window, int) or eos_window < 0:
-    raise ValueError(f"`eos_window` must be an int >= 0 (0 = off), got {eos_window!r}")
-  if not (len(eos_band) == 2 and 0 <= eos_band[0] <= 1 <= eos_band[1]):
-    raise ValueError("`eos_band` must be (low, high) fractions of `lr_sharpness_limit` with "
-                     f"0 <= low <= 1 <= high, got {eos_band!r}")
-  if not (eos_max_loss_ratio > 1 and eos_rise > 1):
-    raise ValueError("`eos_max_loss_ratio` and `eos_rise` must be > 1, got "
-                     f"{eos_max_loss_ratio!r}, {eos_rise!r}")
+  _check_detector_args(window=window, short_window=short_window, min_history=min_history,
+                       sustain=sustain, spike_threshold=spike_threshold,
+                       shift_threshold=shift_threshold, eos_window=eos_window,
+                       eos_band=eos_band, eos_rise=eos_rise,
+                       eos_max_loss_ratio=eos_max_loss_ratio)
   edge_lo = float(eos_band[0]) * lr_sharpness_limit
   edge_hi = float(eos_band[1]) * lr_sharpness_limit
-  classified = REASON_SPIKE | REASON_LEVEL_SHIFT | REASON_UNSTABLE_LR  # may be oscillation
 
   def init_fn() -> AnomalyState:
-    never = jnp.int32(NEVER)
-    return AnomalyState(count=jnp.int32(0),
-                        history=jnp.full((window, 3), jnp.nan, jnp.float32),
-                        lr_history=jnp.full((window,), jnp.nan, jnp.float32),
-                        position=jnp.int32(0), unstable_run=jnp.int32(0),
-                        total_flagged=jnp.int32(0),
-                        last_lr_sharpness=jnp.float32(jnp.nan), steps_since_edge=never,
-                        steps_since_level_shift=never, steps_since_lr_above_limit=never,
-                        eos_run=jnp.int32(0), total_eos=jnp.int32(0), info=_empty_info())
+    return _initial_state(window)
 
   def update_fn(state: AnomalyState, *, loss=None, grad_norm=None, update_norm=None,
                 lr_sharpness=None) -> AnomalyState:
-    vals, present = [], []
-    for v in (loss, grad_norm, update_norm):
-      present.append(v is not None)
-      vals.append(jnp.float32(jnp.nan) if v is None else jnp.asarray(v, jnp.float32))
-    x = jnp.stack(vals)
-    present = jnp.asarray(present)
+    x, present = _streams(loss, grad_norm, update_norm)
     finite = jnp.isfinite(x)
     nonfinite = jnp.any(present & ~finite)
 
     hist = state.history
-    enough = jnp.sum(jnp.isfinite(hist), axis=0) >= min_history
-    spike_z = jnp.where(enough & present, robust_zscore(x, hist), jnp.nan)
+    spike_z, new_hist, shift_z = _window_scores(state, x, present, window=window,
+                                                short_window=short_window,
+                                                min_history=min_history)
     spike = jnp.any(finite & (spike_z > spike_threshold))
-
-    new_hist = hist.at[state.position].set(jnp.where(finite & present, x, jnp.nan))
-    recent_idx = (state.position - jnp.arange(short_window)) % window
-    short_med = jnp.nanmedian(new_hist[recent_idx], axis=0)
-    shift_z = jnp.where(enough & present, robust_zscore(short_med, hist), jnp.nan)
     shift = jnp.any(jnp.isfinite(shift_z) & (shift_z > shift_threshold))
 
     s = jnp.float32(jnp.nan) if lr_sharpness is None else jnp.asarray(lr_sharpness,
@@ -289,27 +360,17 @@ def anomaly_detector(
               | jnp.where(shift, REASON_LEVEL_SHIFT, 0)
               | jnp.where(unstable, REASON_UNSTABLE_LR, 0)).astype(jnp.int32)
 
-    # Edge context: η·λ_c measured in the band or rising eos_rise-fold above its window
-    # median, within eos_window steps (this one included), and the last one not beyond it.
-    since = lambda hit, old: jnp.where(hit, 0, jnp.minimum(old + 1, NEVER)).astype(jnp.int32)
     lr_hist = state.lr_history
-    rising = ((jnp.sum(jnp.isfinite(lr_hist)) >= min_history)
-              & (s >= eos_rise * jnp.nanmedian(lr_hist)))  # NaN median compares False
-    steps_since_edge = since(measured & ((s >= edge_lo) | rising) & (s <= edge_hi),
-                             state.steps_since_edge)
-    last = jnp.where(measured, s, state.last_lr_sharpness)
-    edge = (steps_since_edge < eos_window) & ~(last > edge_hi)
-    # A loss far above its baseline is a fault even at the edge (NaN median: no cap yet).
-    med_loss = jnp.nanmedian(hist[:, 0])
-    too_high = present[0] & (x[0] > med_loss + (eos_max_loss_ratio - 1) * jnp.abs(med_loss))
-    oscillation = edge & ~too_high & ((reason & classified) != 0)
-    eos_reason = jnp.where(oscillation, reason & classified, 0).astype(jnp.int32)
-    reason = jnp.where(oscillation, reason & ~classified, reason).astype(jnp.int32)
+    steps_since_edge, last, edge = _edge_context(state, s, measured, min_history=min_history,
+                                                 eos_rise=eos_rise, edge_lo=edge_lo,
+                                                 edge_hi=edge_hi, eos_window=eos_window)
+    oscillation, eos_reason, reason = _classify(reason, edge, hist[:, 0], present[0], x[0],
+                                                eos_max_loss_ratio=eos_max_loss_ratio)
     flag = reason != 0
     eos_run = jnp.where(oscillation, state.eos_run + 1, 0).astype(jnp.int32)
-    since_shift = since(jnp.isfinite(shift_z[0]) & (shift_z[0] > shift_threshold),
+    since_shift = _since(jnp.isfinite(shift_z[0]) & (shift_z[0] > shift_threshold),
                         state.steps_since_level_shift)
-    since_above = since(measured & (s > lr_sharpness_limit), state.steps_since_lr_above_limit)
+    since_above = _since(measured & (s > lr_sharpness_limit), state.steps_since_lr_above_limit)
 
     info = AnomalyInfo(flag=flag, reason=reason, spike_z=spike_z, shift_z=shift_z,
                        unstable_run=run.astype(jnp.int32), eos=oscillation,
@@ -576,7 +637,7 @@ class MappingConsistency(NamedTuple):
 def mapping_consistency(loss: jax.Array, feature_drift: jax.Array, *, window: int = 20,
                         threshold: float = 3.0, patience: int = 3,
                         eps: float = 1e-8) -> MappingConsistency:
-  r"""Loss decrease per unit of feature movement, against its own history (seed 000).
+  r"""Loss decrease per unit of feature movement, against its own history.
 
   :math:`r_t = (L_{t-1} - L_t) / (d_t + \epsilon)` with :math:`d_t` the distance between the
   intermediate-layer features at t−1 and t (e.g. :func:`activation_distance`). Its robust z
@@ -705,8 +766,8 @@ def forecast_performance(steps: jax.Array, values: jax.Array, horizon: jax.Array
                   exponent=nanify(c))
 
 
-class ForgettingProbe(NamedTuple):
-  """Result of :func:`forgetting_probe` (arrays of the series' length T).
+class Forgetting(NamedTuple):
+  """Result of :func:`detect_forgetting` (arrays of the series' length T).
 
   ``first_alarm`` is the index of the first alarm, −1 when none.
   """
@@ -718,8 +779,8 @@ class ForgettingProbe(NamedTuple):
   slope: jax.Array
 
 
-def forgetting_probe(values: jax.Array, *, fit_steps: int, num_sd: float = 3.0,
-                     patience: int = 3, higher_is_better: bool = True) -> ForgettingProbe:
+def detect_forgetting(values: jax.Array, *, fit_steps: int, num_sd: float = 3.0,
+                      patience: int = 3, higher_is_better: bool = True) -> Forgetting:
   r"""Flags an old task's proxy falling below an envelope fitted on its history.
 
   On the first ``fit_steps`` values (the history, e.g. before the new task started) fit a
@@ -760,5 +821,5 @@ def forgetting_probe(values: jax.Array, *, fit_steps: int, num_sd: float = 3.0,
 
   _, alarm = jax.lax.scan(body, jnp.int32(0), below)
   first = jnp.where(jnp.any(alarm), jnp.argmax(alarm), -1).astype(jnp.int32)
-  return ForgettingProbe(envelope=sign * env_u, below=below, alarm=alarm, first_alarm=first,
-                         slope=sign * slope)
+  return Forgetting(envelope=sign * env_u, below=below, alarm=alarm, first_alarm=first,
+                    slope=sign * slope)

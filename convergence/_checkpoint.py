@@ -13,7 +13,7 @@ and the directory is renamed to ``<step>`` only after all writes finished, so a 
 killed mid-save leaves a temporary directory (ignored, and removed on the next open with
 ``cleanup_tmp_directories=True``) and never a half-written ``<step>`` (tested with
 SIGKILL; durability across power loss is the file system's rename guarantee). The checksums add
-what Orbax lacks: Orbax restores flipped bytes silently (REFERENCES §4), here a restore
+what Orbax lacks: Orbax restores flipped bytes silently (orbax-checkpoint 0.12), here a restore
 recomputes every leaf's checksum and refuses with :class:`CorruptCheckpointError` naming
 the step and the leaf.
 
@@ -46,6 +46,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import tempfile
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -243,6 +244,31 @@ class _TierPreservationPolicy:
     return [s in keep for s in steps]
 
 
+
+def _is_empty(x) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype') and math.prod(x.shape) == 0
+
+
+def _without_empty(tree):
+  """`tree` with zero-size arrays replaced by None (an empty subtree): Orbax refuses to save
+  them ("Cannot save arrays with zero size"), e.g. a controller with no rules keeps a (0,)
+  array of rule counts. Their shape and dtype are in the manifest; restore refills them."""
+  if tree is None:
+    return None
+  return jax.tree.map(lambda x: None if _is_empty(x) else x, tree)
+
+
+def _refill_empty(state, manifest: Mapping[str, Any]):
+  """Puts back the zero-size leaves :func:`_without_empty` took out, from the manifest."""
+  def fill(path, x):
+    if x is not None:
+      return x
+    want = manifest.get(_checksum.leaf_path(path))
+    if want is None or math.prod(want['shape']) != 0:
+      return x
+    return jnp.zeros(want['shape'], want['dtype'])
+  return jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda x: x is None)
+
 class TieredCheckpointManager:
   """Tiered, checksummed, asynchronous checkpoints of a complete training state.
 
@@ -257,9 +283,16 @@ class TieredCheckpointManager:
     restored = mgr.restore_latest_valid(jax.eval_shape(init_state))
     state, pos = restored.state, restored.metadata['data_position']
 
-  Not thread-safe: call it from one thread. Single-process only: the tier ledger is
-  written by this process alone. (The checksums themselves depend on the global values
-  only, so a state saved from one mesh verifies when restored onto another.)
+  Not thread-safe: call it from one thread. A state saved from one mesh verifies when
+  restored onto another (the checksums, ``convergence._checksum``, are checked per saved
+  block whatever the new layout).
+
+  Several processes (multi-host): every process makes the same calls in the same order, from
+  the thread that runs the training collectives (the main thread). ``save`` and ``restore``
+  run collectives there: Orbax's own barriers, one small all-gather of the per-block digests
+  (each process hashes only the blocks it owns; no leaf is gathered) and, on restore, one of
+  the per-block verdicts. With ``async_save`` Orbax writes the files on its own thread, which
+  runs no device collective. Each process writes the same tier ledger.
   """
 
   def __init__(
@@ -537,7 +570,8 @@ class TieredCheckpointManager:
         'tier': tier, 'kind': kind, 'reason': reason, 'metrics': metrics, 'pinned': pinned,
         'history': [{'tier': tier, 'reason': reason, 'time': doc['time']}],
     }
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(doc))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(_without_empty(state)),
+                              meta=ocp.args.JsonSave(doc))
     try:
       # force=True: the save decision was made above; Orbax's own policy would skip
       # silently where this manager raises.
@@ -695,10 +729,12 @@ class TieredCheckpointManager:
     orbax_target = None if target is None else self._orbax_target(target, manifest, step)
     try:
       state = self._mgr.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(orbax_target))
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+              _without_empty(orbax_target)))
       )['state']
     except Exception as e:
       raise CorruptCheckpointError(step, None, f'could not be read ({type(e).__name__}: {e})') from e
+    state = _refill_empty(state, manifest)
     bad = _checksum.first_mismatch(state, manifest)
     if bad is not None:
       raise CorruptCheckpointError(step, *bad)

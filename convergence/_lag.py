@@ -1,8 +1,8 @@
 """Phase lag between a loss series and a downstream metric, and hysteresis-loop areas.
 
-Seed 000's "performance lag phase": the delay between an improvement of the loss and the
-matching improvement of a downstream metric. REFERENCES §7: from one smooth, monotone loss
-curve the lag is not identifiable. If L is monotone then L(t − d) = h_d(L(t)) for a monotone
+The "performance lag phase": the delay between an improvement of the loss and the matching
+improvement of a downstream metric. From one smooth, monotone loss curve the lag is not
+identifiable. If L is monotone then L(t − d) = h_d(L(t)) for a monotone
 h_d, so M(t) = g(L(t − d)) = (g∘h_d)(L(t)) fits *every* delay d with another link: delay and
 threshold are confounded. Only features of L that a monotone re-mapping cannot produce
 (transient bumps, spikes, LR-induced kinks) or several runs sharing one link pin d down.
@@ -260,6 +260,198 @@ def _bootstrap_metric(y, fit, white_basis, u, coef, knots, lims, reg, noise, win
   return ystar
 
 
+class _LaggedLink:
+  """The lagged-link regression shared by every delay d (module docstring).
+
+  Holds each run's regressor (the smoothed or raw loss) with its spline basis evaluated once
+  (the design at delay d is the basis rows t − d), the rows t fitted (t ≥ max_lag with a
+  finite metric and a finite lagged regressor at every d) and the centred metrics y.
+  """
+
+  def __init__(self, losses, metrics, lags, *, max_lag, num_knots, num_shifts, shared_link,
+               smooth):
+    self.shared_link = shared_link
+    if smooth:
+      fps = [_trajectory.local_derivatives(l) for l in losses]
+      self.regs = [f.value for f in fps]
+      self.noises = [f.noise for f in fps]
+      self.windows = [f.half_width[0] for f in fps]
+    else:
+      self.regs = losses
+      self.noises = [_trajectory.robust_noise_level(l) for l in losses]
+      self.windows = [np.zeros(l.size) for l in losses]    # the raw loss: δ = the noise itself
+    regs = self.regs
+    pooled = np.concatenate([r[np.isfinite(r)] for r in regs])
+    lo, hi = float(pooled.min()), float(pooled.max())
+    self.knots = [_link_knots(pooled, num_knots)] * len(regs) if shared_link else [
+        _link_knots(r[np.isfinite(r)], num_knots) for r in regs]
+    self.lims = [(lo, hi)] * len(regs) if shared_link else [
+        (float(np.nanmin(r)), float(np.nanmax(r))) for r in regs]
+    keep = []
+    for r, m in zip(regs, metrics):
+      n = m.size
+      ok = np.isfinite(m[max_lag:])
+      for d in lags:
+        ok &= np.isfinite(r[max_lag - d:n - d])
+      keep.append(ok)
+    self.n_obs = int(sum(k.sum() for k in keep))
+    if self.n_obs < 4 * (num_knots + 4):
+      raise ValueError(f"only {self.n_obs} usable samples after removing non-finite values")
+    for i, ok in enumerate(keep):
+      if ok.sum() <= num_shifts:
+        raise ValueError(f"run {i} has {int(ok.sum())} usable samples, too few for "
+                         f"`num_shifts`={num_shifts} distinct circular shifts")
+    self.basis = [_spline_basis(np.where(np.isfinite(r), r, lim[0]), kn, *lim)
+                  for r, kn, lim in zip(regs, self.knots, self.lims)]
+    self.rows = [max_lag + np.flatnonzero(ok) for ok in keep]
+    ys = [m[rw] for m, rw in zip(metrics, self.rows)]
+    # The constant lies in the spline span (partition of unity): centring changes no RSS and
+    # makes Σy² the RSS of the no-relation model (a constant mean, per run without sharing).
+    if shared_link:
+      mean = float(np.mean(np.concatenate(ys)))
+      ys = [y - mean for y in ys]
+    else:
+      ys = [y - y.mean() for y in ys]
+    self.ys = ys
+    self.rss0 = float(sum(y @ y for y in ys))
+
+  def designs(self, d):
+    return [b[rw - d] for b, rw in zip(self.basis, self.rows)]
+
+  def groups(self, xs, cols):
+    """(G, C) per fitted link: C = Xᵀ·cols, G = XᵀX (one link over all runs, or one per run)."""
+    # einsum, not BLAS: for these thin products a multi-threaded BLAS on a busy machine is
+    # ~50x slower than one plain loop.
+    pairs = [(x.T @ x, np.einsum("nk,nb->kb", x, c) if c.ndim == 2 else x.T @ c)
+             for x, c in zip(xs, cols)]
+    if self.shared_link:
+      return [(sum(g for g, _ in pairs), sum(c for _, c in pairs))]
+    return pairs
+
+  def explained(self, d, cols):
+    """‖P_d y‖² per column of ``cols`` (per-run arrays): RSS(d) = Σy² − ‖P_d y‖²."""
+    total = 0.0
+    for g, c in self.groups(self.designs(d), cols):
+      total = total + np.sum(c * (_gram_pinv(g) @ c), axis=0)
+    return total
+
+
+def _link_knots(vals, num_knots):
+  """Interior knots of the link: half at quantiles of the loss (where it spends its time), half
+  evenly over its range (where it moves fast, e.g. the early descent, which quantiles leave
+  almost without knots)."""
+  num_q = (num_knots + 1) // 2
+  at_q = np.quantile(vals, np.linspace(0, 1, num_q + 2)[1:-1])
+  even = np.linspace(vals.min(), vals.max(), num_knots - num_q + 2)[1:-1]
+  return np.sort(np.concatenate([at_q, even]))
+
+
+def _shift_test(link: _LaggedLink, lags, num_shifts):
+  """Check 1 on the coarse delay grid: returns (coarse grid, {d: RSS(d)}, p-value).
+
+  The observed metric (shift 0) and its circular shifts s_r(j) ≈ j·n_r/(B+1) are fitted at
+  once: Xᵀ(y rotated by s) for every s is the circular cross-correlation of X with y.
+  """
+  shift_idx = [np.round(np.arange(num_shifts + 1) * y.size / (num_shifts + 1)).astype(int)
+               for y in link.ys]
+  y_fft = [np.fft.rfft(y) for y in link.ys]
+  coarse = lags[::max(1, lags.size // 100)]
+  if coarse[-1] != lags[-1]:
+    coarse = np.append(coarse, lags[-1])
+  profile = {}
+  best_rss = np.full(num_shifts + 1, np.inf)
+  for d in coarse:
+    xs = link.designs(int(d))
+    cross = [np.fft.irfft(np.conj(np.fft.rfft(x, axis=0)) * yf[:, None], n=x.shape[0],
+                          axis=0)[si].T for x, yf, si in zip(xs, y_fft, shift_idx)]
+    pairs = [(x.T @ x, c) for x, c in zip(xs, cross)]
+    if link.shared_link:
+      pairs = [(sum(g for g, _ in pairs), sum(c for _, c in pairs))]
+    rss = link.rss0 - sum(np.sum(c * (_gram_pinv(g) @ c), axis=0) for g, c in pairs)
+    best_rss = np.minimum(best_rss, rss)
+    profile[int(d)] = float(rss[0])
+  # max R² ⇔ min RSS: Σy² is the same for every shift.
+  p_value = float((1 + np.sum(best_rss[1:] <= best_rss[0])) / (num_shifts + 1))
+  return coarse, profile, p_value
+
+
+class _Profile:
+  """RSS(d) on the delay grid, evaluated lazily: coarse first, refined near the minimum."""
+
+  def __init__(self, link, lags, coarse, rss, *, crit, max_rel_width, max_lag):
+    self.link, self.lags, self.coarse, self.rss = link, lags, coarse, rss
+    self.crit, self.max_width = crit, max_rel_width * max_lag
+    self.gap = int(coarse[1] - coarse[0]) if coarse.size > 1 else 1
+    ds, _, bi = self.current()
+    self.refine(ds[bi] - 2 * self.gap, ds[bi] + 2 * self.gap)
+
+  def refine(self, lo_d, hi_d):
+    lags = self.lags
+    for d in lags[(lags >= lo_d) & (lags <= hi_d)]:
+      if int(d) not in self.rss:
+        self.rss[int(d)] = float(self.link.rss0 - self.link.explained(int(d), self.link.ys))
+
+  def current(self):
+    ds = np.asarray(sorted(self.rss))
+    rs = np.asarray([self.rss[int(d)] for d in ds])
+    return ds, rs, int(np.argmin(rs))
+
+  def confidence(self, ne):
+    """Profile statistic n_eff·log(RSS/RSS_min), refined inside a narrow set, and its ends."""
+    ds, rs, bi = self.current()
+    stat = ne * np.log(np.maximum(rs, 1e-300) / max(rs[bi], 1e-300))
+    inside = ds[stat <= self.crit]
+    if inside.max() - inside.min() <= self.max_width and self.coarse.size < self.lags.size:
+      self.refine(inside.min() - self.gap, inside.max() + self.gap)
+      ds, rs, bi = self.current()
+      stat = ne * np.log(np.maximum(rs, 1e-300) / max(rs[bi], 1e-300))
+    return (ds, rs, bi, stat) + _crossings(ds, stat, self.crit)
+
+  def too_wide(self, ds, lower, upper):
+    return (upper >= ds[-1] and ds[-1] > 0) or upper - lower > self.max_width
+
+
+def _bootstrap_n_eff(link: _LaggedLink, ds, bi, *, crit, coverage, num_bootstrap, seed):
+  """Check 2: n_eff = n·χ²₁/q̂, q̂ the ``coverage`` quantile (≥ χ²₁) of the bootstrap statistic
+  n·log(RSS*(d̂)/min_d RSS*(d)) over the delays ``ds`` evaluated so far."""
+  d_hat = int(ds[bi])
+  xs = link.designs(d_hat)
+  pairs = link.groups(xs, link.ys)
+  whiten = [_gram_whitener(g) for g, _ in pairs]
+  coefs = [t @ (t.T @ c) for t, (_, c) in zip(whiten, pairs)]
+  if link.shared_link:
+    coefs, whiten = coefs * len(xs), whiten * len(xs)
+  fit = [x @ c for x, c in zip(xs, coefs)]
+  rng = np.random.default_rng(seed)
+  boot = []
+  for ri, (y, f, rw) in enumerate(zip(link.ys, fit, link.rows)):
+    ystar = _bootstrap_metric(
+        y, f, xs[ri] @ whiten[ri], rw - d_hat, coefs[ri], link.knots[ri], link.lims[ri],
+        link.regs[ri], link.noises[ri], link.windows[ri], num_bootstrap, rng)
+    boot.append(np.ascontiguousarray(ystar))
+  boot_ss = sum(np.sum(b * b, axis=0) for b in boot)
+  table = np.stack([boot_ss - link.explained(int(d), boot) for d in ds])        # (D, B*)
+  n_obs = link.n_obs
+  lr_star = n_obs * np.log(np.maximum(table[bi], 1e-300) / np.maximum(table.min(0), 1e-300))
+  q_hat = max(crit, float(np.quantile(lr_star, coverage)))
+  return n_obs * crit / q_hat
+
+
+def _not_identified_reason(p_value, level, r2, lower, upper, ds, max_rel_width, max_lag):
+  """Why the lag is not reported (check 1 or 3), "" when it is."""
+  if p_value > level:
+    return (f"the lagged loss does not explain the metric: best-delay R² = {r2:.3g} is "
+            f"matched by circularly shifted metrics (p = {p_value:.3g} > level {level:g})")
+  if upper >= ds[-1] and ds[-1] > 0:
+    return ("the confidence set reaches the largest delay considered "
+            f"({int(ds[-1])}): delay and link are confounded (flat profile)")
+  if upper - lower > max_rel_width * max_lag:
+    return (f"the confidence set spans [{lower:.4g}, {upper:.4g}], wider than "
+            f"{max_rel_width:g}·max_lag: the loss curve is too smooth to separate delay "
+            "from threshold")
+  return ""
+
+
 def estimate_lag(
     loss,
     metric,
@@ -319,7 +511,7 @@ def estimate_lag(
   Returns:
     A :class:`LagEstimate`.
 
-  References: REFERENCES.md §7; Venzon & Moolgavkar (1988) for profile-likelihood
+  References: Venzon & Moolgavkar (1988) for profile-likelihood
   intervals; Besag & Diggle (1977) and Harrison, Amarasingham & Kass (2013) for circular-shift
   (toroidal) tests; Theiler et al., Physica D 58 (1992) and Braun & Kulperger, Commun. Stat.
   26 (1997) for phase-randomised (Fourier) surrogates and bootstrap.
@@ -328,177 +520,25 @@ def estimate_lag(
   _check_args(losses, metrics, max_lag=max_lag, lag_step=lag_step, coverage=coverage,
               num_knots=num_knots, level=level, num_shifts=num_shifts,
               num_bootstrap=num_bootstrap, seed=seed)
-
-  if smooth:
-    fps = [_trajectory.local_derivatives(l) for l in losses]
-    regs = [f.value for f in fps]
-    noises = [f.noise for f in fps]
-    windows = [f.half_width[0] for f in fps]
-  else:
-    regs = losses
-    noises = [_trajectory.robust_noise_level(l) for l in losses]
-    windows = [np.zeros(l.size) for l in losses]       # the raw loss: δ = the noise itself
-  pooled = np.concatenate([r[np.isfinite(r)] for r in regs])
-  lo, hi = float(pooled.min()), float(pooled.max())
   lags = np.arange(0, max_lag + 1, lag_step)
-
-  def knots(vals):
-    # Half at quantiles (where the loss spends its time), half evenly over its range (where
-    # it moves fast, e.g. the early descent, which quantiles leave almost without knots).
-    num_q = (num_knots + 1) // 2
-    at_q = np.quantile(vals, np.linspace(0, 1, num_q + 2)[1:-1])
-    even = np.linspace(vals.min(), vals.max(), num_knots - num_q + 2)[1:-1]
-    return np.sort(np.concatenate([at_q, even]))
-
-  run_knots = [knots(pooled)] * len(regs) if shared_link else [
-      knots(r[np.isfinite(r)]) for r in regs]
-  run_lims = [(lo, hi)] * len(regs) if shared_link else [
-      (float(np.nanmin(r)), float(np.nanmax(r))) for r in regs]
-  # Samples used: t ≥ max_lag with a finite metric and finite lagged regressor at every d.
-  keep = []
-  for r, m in zip(regs, metrics):
-    n = m.size
-    ok = np.isfinite(m[max_lag:])
-    for d in lags:
-      ok &= np.isfinite(r[max_lag - d:n - d])
-    keep.append(ok)
-  n_obs = int(sum(k.sum() for k in keep))
-  if n_obs < 4 * (num_knots + 4):
-    raise ValueError(f"only {n_obs} usable samples after removing non-finite values")
-  for i, ok in enumerate(keep):
-    if ok.sum() <= num_shifts:
-      raise ValueError(f"run {i} has {int(ok.sum())} usable samples, too few for "
-                       f"`num_shifts`={num_shifts} distinct circular shifts")
-
-  # The spline basis of every regressor sample, once: the design at delay d is rows t − d.
-  basis = [_spline_basis(np.where(np.isfinite(r), r, lim[0]), kn, *lim)
-           for r, kn, lim in zip(regs, run_knots, run_lims)]
-  rows = [max_lag + np.flatnonzero(ok) for ok in keep]
-  ys = [m[rw] for m, rw in zip(metrics, rows)]
-  # The constant lies in the spline span (partition of unity): centring changes no RSS and
-  # makes Σy² the RSS of the no-relation model (a constant mean, per run without sharing).
-  if shared_link:
-    mean = float(np.mean(np.concatenate(ys)))
-    ys = [y - mean for y in ys]
-  else:
-    ys = [y - y.mean() for y in ys]
-  rss0 = float(sum(y @ y for y in ys))
-  sizes = [y.size for y in ys]
-  splits = np.cumsum(sizes)[:-1]
-
-  def designs(d):
-    return [b[rw - d] for b, rw in zip(basis, rows)]
-
-  def groups(xs, cols):
-    """(G, C) per fitted link: C = Xᵀ·cols, G = XᵀX (one link over all runs, or one per run)."""
-    # einsum, not BLAS: for these thin products a multi-threaded BLAS on a busy machine is
-    # ~50x slower than one plain loop.
-    pairs = [(x.T @ x, np.einsum("nk,nb->kb", x, c) if c.ndim == 2 else x.T @ c)
-             for x, c in zip(xs, cols)]
-    if shared_link:
-      return [(sum(g for g, _ in pairs), sum(c for _, c in pairs))]
-    return pairs
-
-  def explained(d, cols):
-    """‖P_d y‖² per column of ``cols`` (per-run arrays): RSS(d) = Σy² − ‖P_d y‖²."""
-    total = 0.0
-    for g, c in groups(designs(d), cols):
-      total = total + np.sum(c * (_gram_pinv(g) @ c), axis=0)
-    return total
-
-  # 1. Coarse grid: the observed metric (shift 0) and its circular shifts s_r(j) ≈ j·n_r/(B+1).
-  # Xᵀ(y rotated by s) for every s at once is the circular cross-correlation of X with y.
-  shift_idx = [np.round(np.arange(num_shifts + 1) * y.size / (num_shifts + 1)).astype(int)
-               for y in ys]
-  y_fft = [np.fft.rfft(y) for y in ys]
-  coarse = lags[::max(1, lags.size // 100)]
-  if coarse[-1] != lags[-1]:
-    coarse = np.append(coarse, lags[-1])
-  profile = {}
-  best_rss = np.full(num_shifts + 1, np.inf)
-  for d in coarse:
-    xs = designs(int(d))
-    cross = [np.fft.irfft(np.conj(np.fft.rfft(x, axis=0)) * yf[:, None], n=x.shape[0],
-                          axis=0)[si].T for x, yf, si in zip(xs, y_fft, shift_idx)]
-    pairs = [(x.T @ x, c) for x, c in zip(xs, cross)]
-    if shared_link:
-      pairs = [(sum(g for g, _ in pairs), sum(c for _, c in pairs))]
-    rss = rss0 - sum(np.sum(c * (_gram_pinv(g) @ c), axis=0) for g, c in pairs)
-    best_rss = np.minimum(best_rss, rss)
-    profile[int(d)] = float(rss[0])
-  # max R² ⇔ min RSS: Σy² is the same for every shift.
-  p_value = float((1 + np.sum(best_rss[1:] <= best_rss[0])) / (num_shifts + 1))
+  link = _LaggedLink(losses, metrics, lags, max_lag=max_lag, num_knots=num_knots,
+                     num_shifts=num_shifts, shared_link=shared_link, smooth=smooth)
+  coarse, rss, p_value = _shift_test(link, lags, num_shifts)       # 1. no-relation test
   crit = float(_stats.chi2.ppf(coverage, 1))
   method = (f"circular-shift test of max_d R²(d) (lagged spline link vs a constant mean), "
             f"{num_shifts} shifts, level {level:g}")
-
-  def refine(lo_d, hi_d):
-    for d in lags[(lags >= lo_d) & (lags <= hi_d)]:
-      if int(d) not in profile:
-        profile[int(d)] = float(rss0 - explained(int(d), ys))
-
-  def current():
-    ds = np.asarray(sorted(profile))
-    rs = np.asarray([profile[int(d)] for d in ds])
-    return ds, rs, int(np.argmin(rs))
-
-  gap = int(coarse[1] - coarse[0]) if coarse.size > 1 else 1
-  ds, rs, bi = current()
-  refine(ds[bi] - 2 * gap, ds[bi] + 2 * gap)
-
-  def confidence(ne):
-    """Profile statistic n_eff·log(RSS/RSS_min), refined inside a narrow set, and its ends."""
-    ds, rs, bi = current()
-    stat = ne * np.log(np.maximum(rs, 1e-300) / max(rs[bi], 1e-300))
-    inside = ds[stat <= crit]
-    if inside.max() - inside.min() <= max_rel_width * max_lag and coarse.size < lags.size:
-      refine(inside.min() - gap, inside.max() + gap)
-      ds, rs, bi = current()
-      stat = ne * np.log(np.maximum(rs, 1e-300) / max(rs[bi], 1e-300))
-    return (ds, rs, bi, stat) + _crossings(ds, stat, crit)
-
-  def too_wide(ds, lower, upper):
-    return (upper >= ds[-1] and ds[-1] > 0) or upper - lower > max_rel_width * max_lag
-
-  n_eff = float(n_obs)
-  ds, rs, bi, stat, lower, upper = confidence(n_eff)
+  profile = _Profile(link, lags, coarse, rss, crit=crit, max_rel_width=max_rel_width,
+                     max_lag=max_lag)
+  n_eff = float(link.n_obs)
+  ds, rs, bi, stat, lower, upper = profile.confidence(n_eff)
   # The bootstrap only widens the i.i.d. interval: skip it when the answer is already "no".
-  if p_value <= level and not too_wide(ds, lower, upper):
-    # 2. Bootstrap calibration of the likelihood-ratio statistic at the estimate.
-    d_hat = int(ds[bi])
-    xs = designs(d_hat)
-    pairs = groups(xs, ys)
-    whiten = [_gram_whitener(g) for g, _ in pairs]
-    coefs = [t @ (t.T @ c) for t, (_, c) in zip(whiten, pairs)]
-    if shared_link:
-      coefs, whiten = coefs * len(xs), whiten * len(xs)
-    fit = [x @ c for x, c in zip(xs, coefs)]
-    rng = np.random.default_rng(seed)
-    boot = []
-    for ri, (y, f, rw) in enumerate(zip(ys, fit, rows)):
-      ystar = _bootstrap_metric(
-          y, f, xs[ri] @ whiten[ri], rw - d_hat, coefs[ri], run_knots[ri], run_lims[ri],
-          regs[ri], noises[ri], windows[ri], num_bootstrap, rng)
-      boot.append(np.ascontiguousarray(ystar))
-    boot_ss = sum(np.sum(b * b, axis=0) for b in boot)
-    table = np.stack([boot_ss - explained(int(d), boot) for d in ds])        # (D, B*)
-    lr_star = n_obs * np.log(np.maximum(table[bi], 1e-300) / np.maximum(table.min(0), 1e-300))
-    q_hat = max(crit, float(np.quantile(lr_star, coverage)))
-    n_eff = n_obs * crit / q_hat
-    ds, rs, bi, stat, lower, upper = confidence(n_eff)
-  width = upper - lower
-  r2 = 1.0 - float(rs[bi]) / rss0 if rss0 > 0 else 0.0
-  reason = ""
-  if p_value > level:
-    reason = (f"the lagged loss does not explain the metric: best-delay R² = {r2:.3g} is "
-              f"matched by circularly shifted metrics (p = {p_value:.3g} > level {level:g})")
-  elif upper >= ds[-1] and ds[-1] > 0:
-    reason = ("the confidence set reaches the largest delay considered "
-              f"({int(ds[-1])}): delay and link are confounded (flat profile)")
-  elif width > max_rel_width * max_lag:
-    reason = (f"the confidence set spans [{lower:.4g}, {upper:.4g}], wider than "
-              f"{max_rel_width:g}·max_lag: the loss curve is too smooth to separate delay "
-              "from threshold")
+  if p_value <= level and not profile.too_wide(ds, lower, upper):
+    n_eff = _bootstrap_n_eff(link, ds, bi, crit=crit, coverage=coverage,   # 2. calibration
+                             num_bootstrap=num_bootstrap, seed=seed)
+    ds, rs, bi, stat, lower, upper = profile.confidence(n_eff)
+  r2 = 1.0 - float(rs[bi]) / link.rss0 if link.rss0 > 0 else 0.0
+  reason = _not_identified_reason(p_value, level, r2, lower, upper, ds,    # 3. width
+                                  max_rel_width, max_lag)
   best = float(ds[bi])
   if reason:
     return LagEstimate(NOT_IDENTIFIABLE, None, None, None, coverage, reason, ds, stat,

@@ -1,6 +1,6 @@
 """Bayesian convergence network: exact posterior over four binary nodes, conflicts, audit log.
 
-The network (seed 004, issue 3 §4) has four binary nodes, 1 meaning "stable / achieved":
+The network has four binary nodes, 1 meaning "stable / achieved":
 
     structural ──► functional ──► generalisation
          │              │               │
@@ -16,7 +16,7 @@ three hold" (a chain C | G alone is the special case of a table constant over s 
 The joint has 16 states, so the posterior is computed exactly: the log joint table
 log p(s) + log p(f|s) + log p(g|f) + log p(c|s,f,g) + Σ_nodes log λ_node(x_node) is built with
 numpyro ``Bernoulli`` factors on a broadcast 2×2×2×2 grid and marginalised with ``logsumexp``
-(no funsor needed; REFERENCES §4). It is pure and jit-able.
+(16 states need no funsor or message passing). It is pure and jit-able.
 
 Evidence is a *soft likelihood* per metric: a pair (log λ(x=0), log λ(x=1)) attached to one
 node. Older evidence decays at a per-metric rate: the accumulated log-likelihood follows
@@ -134,7 +134,7 @@ def soft_likelihood(strength: jax.Array, direction: jax.Array, *,
                     max_log_ratio: float = math.log(9.0)) -> jax.Array:
   """Per-metric soft likelihoods from (strength, direction) pairs, as a (M, 2) log table.
 
-  The adapter for windowed evidence (issue 3 §3): a metric with ``direction`` +1 supports its
+  The adapter for windowed evidence (:func:`convergence.evidence_tracker`): a metric with ``direction`` +1 supports its
   node's "stable" state, −1 its opposite, 0 nothing; ``strength`` in [0, 1] scales the log
   likelihood ratio: log λ(1) − log λ(0) = direction · strength · ``max_log_ratio`` (default
   log 9: full-strength evidence moves even odds to 9:1). Rows are centred, (−r/2, r/2).

@@ -1,10 +1,10 @@
 """Trajectory fingerprints: noise-aware loss derivatives with error bands, jumps, cosine decay.
 
-Seed 000 asks for the first, second and third derivatives of the loss (rate, acceleration,
-"third-order jump" marking a structural reconfiguration) and for the long-run decay of the
-cosine similarity between successive gradient/update directions. REFERENCES §7: raw finite
-differences are useless on noisy curves and a Savitzky–Golay filter needs windows chosen
-from the noise level, with the error band reported. Everything here follows from that.
+The first, second and third derivatives of the loss (rate, acceleration, and the
+"third-order jump" marking a structural reconfiguration) and the long-run decay of the cosine
+similarity between successive gradient/update directions. Raw finite differences are useless
+on noisy curves, and a Savitzky–Golay filter needs windows chosen from the noise level, with
+the error band reported. Everything here follows from that.
 
 Local polynomial regression (Savitzky & Golay 1964; Fan & Gijbels 1996, ch. 3). Around
 sample t, with offsets u_j = j/h for j = −h..h and 0/1 weights w (0 for a missing or non-finite
@@ -44,7 +44,6 @@ import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -491,12 +490,25 @@ class TrajectoryInfo(NamedTuple):
 
 
 class TrajectoryState(NamedTuple):
-  """O(window) state: the last 2h+1 losses (and mask), the last K updates, the last W cosines."""
+  """State of :func:`trajectory_tracker`.
+
+  Attributes:
+    count: steps seen.
+    values, mask: the last 2h+1 losses and whether each was finite.
+    directions: the last K accepted updates, newest first: a tuple of K pytrees, each laid
+      out like the parameters (same structure, shapes and, when initialised eagerly from
+      sharded parameters, the same shardings, as optax's Adam moments).
+    dir_norms: (K,) their Euclidean norms (float32).
+    dir_mask: (K,) whether lag k + 1 holds an update yet.
+    cosines, cos_mask: the last W rows of cosines (W, K) and where they are defined.
+    info: :class:`TrajectoryInfo` of the last step.
+  """
 
   count: jax.Array
   values: jax.Array
   mask: jax.Array
-  directions: jax.Array
+  directions: tuple
+  dir_norms: jax.Array
   dir_mask: jax.Array
   cosines: jax.Array
   cos_mask: jax.Array
@@ -504,10 +516,62 @@ class TrajectoryState(NamedTuple):
 
 
 class TrajectoryTracker(NamedTuple):
-  """A pair of pure functions: ``init(num_params)`` and ``update(state, loss, flat_update)``."""
+  """A pair of pure functions: ``init(params)`` and ``update(state, loss, updates)``."""
 
   init: Any
   update: Any
+
+
+def _vdot32(a, b) -> jax.Array:
+  """Σ over leaves of ⟨a, b⟩ accumulated in float32 (or wider): element-wise, then reduced, so
+  each leaf is reduced where it lies (no reshape or gather of the model into one vector)."""
+  total = jnp.zeros((), jnp.float32)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    total = total + jnp.sum(x.astype(dt) * y.astype(dt)).astype(jnp.float32)
+  return total
+
+
+def _decay_rate(mean, k_lags):
+  """The least-squares decay rate of a (K,) window mean in lag (module docstring)."""
+  use = jnp.isfinite(mean) & (mean > 0)
+  lm = jnp.where(use, jnp.log(jnp.where(use, mean, 1.0)), 0.0)
+  c = jnp.sum(use)
+  kbar = jnp.sum(use * k_lags) / jnp.maximum(c, 1)
+  lbar = jnp.sum(lm) / jnp.maximum(c, 1)
+  sxy = jnp.sum(use * (k_lags - kbar) * (lm - lbar))
+  sxx = jnp.sum(use * (k_lags - kbar) ** 2)
+  return jnp.where((c >= 2) & (sxx > 0), -sxy / jnp.where(sxx > 0, sxx, 1.0), jnp.nan)
+
+
+def _cosine_step(state: TrajectoryState, updates, k_lags):
+  """Feeds one update to the cosine profile; returns the new buffers and (row, mean, decay, ok).
+
+  cos(u_t, u_{t−k}) = ⟨u_t, u_{t−k}⟩ / (‖u_t‖ ‖u_{t−k}‖): K inner products against the stored
+  updates, leaf by leaf where they lie. A non-finite or zero update is not stored.
+  """
+  directions = state.directions
+  u = jax.tree.map(lambda d, x: jnp.asarray(x).astype(d.dtype), directions[0], updates)
+  norm = jnp.sqrt(_vdot32(u, u))
+  ok = jnp.isfinite(norm) & (norm > 0)
+  dots = jnp.stack([_vdot32(u, d) for d in directions])
+  row_ok = state.dir_mask & ok
+  row = jnp.where(row_ok, dots / jnp.where(row_ok, norm * state.dir_norms, 1.0), jnp.nan)
+  shifted = (u,) + tuple(directions[:-1])
+  directions = tuple(jax.tree.map(lambda new, old: jnp.where(ok, new, old), s, d)
+                     for s, d in zip(shifted, directions))
+  dir_norms = jnp.where(ok, jnp.concatenate([norm[None], state.dir_norms[:-1]]), state.dir_norms)
+  dir_mask = jnp.where(ok, jnp.concatenate([jnp.ones((1,), bool), state.dir_mask[:-1]]),
+                       state.dir_mask)
+  cosines = jnp.where(ok, jnp.concatenate([state.cosines[1:], jnp.where(row_ok, row, 0.0)[None]]),
+                      state.cosines)
+  cos_mask = jnp.where(ok, jnp.concatenate([state.cos_mask[1:], row_ok[None]]), state.cos_mask)
+  cnt = jnp.sum(cos_mask, axis=0)
+  mean = jnp.where(cnt > 0, jnp.sum(jnp.where(cos_mask, cosines, 0.0), 0) / jnp.maximum(cnt, 1),
+                   jnp.nan)
+  buffers = dict(directions=directions, dir_norms=dir_norms, dir_mask=dir_mask, cosines=cosines,
+                 cos_mask=cos_mask)
+  return buffers, (row, mean, _decay_rate(mean, k_lags), ok)
 
 
 def trajectory_tracker(
@@ -528,9 +592,15 @@ def trajectory_tracker(
   :func:`local_derivatives` with ``half_width=h`` at that step; ``lag = 0`` is causal and
   noisier. σ is ``noise`` or the robust MAD estimate over the buffer's third differences.
 
-  Updates (flattened, length D) feed the cosine profile: the last K = ``max_lag`` accepted
-  directions (K·D floats) and the last W = ``window`` rows of cosines. A non-finite or zero
-  update is skipped and flagged (``info.update_finite``); it is not stored.
+  Updates feed the cosine profile: the last K = ``max_lag`` accepted updates, kept as K
+  pytrees laid out like ``init``'s argument (K copies of the parameters' size, sharded as
+  the parameters are, never flattened into one vector), their K norms, and the last
+  W = ``window`` rows of cosines. A non-finite or zero update is skipped and flagged
+  (``info.update_finite``); it is not stored.
+
+  ``init(params)`` takes the parameters (any pytree; the buffers take each leaf's shape,
+  dtype and sharding, as ``jnp.zeros_like``), or an int D for a flat vector of D float32;
+  ``update(state, loss, updates=None)`` takes a pytree of that structure (or None).
   """
   if not isinstance(half_width, int) or half_width <= order // 2:
     raise ValueError(f"`half_width` must be an int > order/2, got {half_width!r}")
@@ -549,17 +619,22 @@ def trajectory_tracker(
       float(h) ** np.arange(4))[:, None], jnp.float32)                          # (4, p+1)
   k_lags = jnp.arange(1, max_lag + 1, dtype=jnp.float32)
 
-  def init(num_params: int) -> TrajectoryState:
+  def init(params) -> TrajectoryState:
     f = jnp.float32
     nan = jnp.asarray(jnp.nan, f)
+    if isinstance(params, (int, np.integer)) and not isinstance(params, bool):
+      params = jax.ShapeDtypeStruct((int(params),), f)
     info = TrajectoryInfo(
         value=nan, d1=nan, d2=nan, d3=nan, se=jnp.full((4,), jnp.nan, f), noise=nan, z3=nan,
         cos=jnp.full((max_lag,), jnp.nan, f), cos_mean=jnp.full((max_lag,), jnp.nan, f),
         cos_decay=nan, loss_finite=jnp.bool_(True), update_finite=jnp.bool_(True),
         num_skipped=jnp.int32(0))
+    zeros = lambda p: (jnp.zeros(p.shape, p.dtype) if isinstance(p, jax.ShapeDtypeStruct)
+                       else jnp.zeros_like(p))
     return TrajectoryState(
         count=jnp.int32(0), values=jnp.zeros((m,), f), mask=jnp.zeros((m,), bool),
-        directions=jnp.zeros((max_lag, num_params), f), dir_mask=jnp.zeros((max_lag,), bool),
+        directions=tuple(jax.tree.map(zeros, params) for _ in range(max_lag)),
+        dir_norms=jnp.zeros((max_lag,), f), dir_mask=jnp.zeros((max_lag,), bool),
         cosines=jnp.zeros((window, max_lag), f), cos_mask=jnp.zeros((window, max_lag), bool),
         info=info)
 
@@ -587,7 +662,7 @@ def trajectory_tracker(
     se = jnp.where(enough, se, jnp.nan)
     return est, se, sigma
 
-  def update(state: TrajectoryState, loss, flat_update=None) -> TrajectoryState:
+  def update(state: TrajectoryState, loss, updates=None) -> TrajectoryState:
     loss = jnp.asarray(loss, jnp.float32)
     loss_ok = jnp.isfinite(loss)
     values = jnp.concatenate([state.values[1:], jnp.where(loss_ok, loss, 0.0)[None]])
@@ -595,43 +670,17 @@ def trajectory_tracker(
     est, se, sigma = _derivs(values, mask)
     info = state.info._replace(value=est[0], d1=est[1], d2=est[2], d3=est[3], se=se,
                                noise=sigma, z3=est[3] / se[3], loss_finite=loss_ok)
-    directions, dir_mask = state.directions, state.dir_mask
-    cosines, cos_mask = state.cosines, state.cos_mask
+    buffers = dict(directions=state.directions, dir_norms=state.dir_norms,
+                   dir_mask=state.dir_mask, cosines=state.cosines, cos_mask=state.cos_mask)
     upd_ok = jnp.bool_(True)
-    if flat_update is not None:
-      v = jnp.asarray(flat_update, jnp.float32)
-      norm = jnp.linalg.norm(v)
-      upd_ok = jnp.all(jnp.isfinite(v)) & (norm > 0)
-      vn = jnp.where(upd_ok, v / jnp.where(upd_ok, norm, 1.0), 0.0)
-      row = directions @ vn                                   # directions are unit vectors
-      row_ok = dir_mask & upd_ok
-      row = jnp.where(row_ok, row, jnp.nan)
-      new_dirs = jnp.concatenate([vn[None], directions[:-1]])
-      new_dmask = jnp.concatenate([jnp.ones((1,), bool), dir_mask[:-1]])
-      directions = jnp.where(upd_ok, new_dirs, directions)
-      dir_mask = jnp.where(upd_ok, new_dmask, dir_mask)
-      new_cos = jnp.concatenate([cosines[1:], jnp.where(row_ok, row, 0.0)[None]])
-      new_cmask = jnp.concatenate([cos_mask[1:], row_ok[None]])
-      cosines = jnp.where(upd_ok, new_cos, cosines)
-      cos_mask = jnp.where(upd_ok, new_cmask, cos_mask)
-      cnt = jnp.sum(cos_mask, axis=0)
-      mean = jnp.where(cnt > 0, jnp.sum(jnp.where(cos_mask, cosines, 0.0), 0)
-                       / jnp.maximum(cnt, 1), jnp.nan)
-      use = jnp.isfinite(mean) & (mean > 0)
-      lm = jnp.where(use, jnp.log(jnp.where(use, mean, 1.0)), 0.0)
-      c = jnp.sum(use)
-      kbar = jnp.sum(use * k_lags) / jnp.maximum(c, 1)
-      lbar = jnp.sum(lm) / jnp.maximum(c, 1)
-      sxy = jnp.sum(use * (k_lags - kbar) * (lm - lbar))
-      sxx = jnp.sum(use * (k_lags - kbar) ** 2)
-      decay = jnp.where((c >= 2) & (sxx > 0), -sxy / jnp.where(sxx > 0, sxx, 1.0), jnp.nan)
+    if updates is not None:
+      buffers, (row, mean, decay, upd_ok) = _cosine_step(state, updates, k_lags)
       info = info._replace(cos=row, cos_mean=mean, cos_decay=decay)
     skipped = (~loss_ok) | (~upd_ok)
     info = info._replace(update_finite=upd_ok,
                          num_skipped=state.info.num_skipped + skipped.astype(jnp.int32))
     return TrajectoryState(count=optax.safe_increment(state.count), values=values, mask=mask,
-                           directions=directions, dir_mask=dir_mask, cosines=cosines,
-                           cos_mask=cos_mask, info=info)
+                           info=info, **buffers)
 
   return TrajectoryTracker(init, update)
 
@@ -655,10 +704,12 @@ def trajectory_monitor(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Trajectory fingerprint as an optax transformation; leaves the updates unchanged.
 
-  Reads the loss from optax's extra argument ``value`` and the incoming updates (flattened
-  with ``jax.flatten_util.ravel_pytree``; set ``track_updates=False`` to skip the cosine part
-  and its K·D memory). Place it first in the chain to see the raw gradients, after the
-  learning-rate scaling to see the steps::
+  Reads the loss from optax's extra argument ``value`` and the incoming updates. The cosine
+  part keeps the last K = ``max_lag`` updates as K pytrees laid out like the parameters
+  (the memory of K copies of the parameters, sharded like them as optax's Adam moments are;
+  ``jax.jit(tx.init, out_shardings=...)`` as for any optax state); set
+  ``track_updates=False`` to skip it. Place it first in the chain to see the raw gradients,
+  after the learning-rate scaling to see the steps::
 
     tx = optax.chain(convergence.trajectory_monitor(half_width=100), optax.adam(1e-3))
     updates, state = tx.update(grads, state, params, value=loss)
@@ -673,8 +724,7 @@ def trajectory_monitor(
                                max_lag=max_lag, window=window)
 
   def init_fn(params):
-    dim = jax.flatten_util.ravel_pytree(params)[0].size if track_updates else 1
-    s = tracker.init(dim)
+    s = tracker.init(params if track_updates else ())
     return TrajectoryMonitorState(tracker=s, info=s.info)
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -682,8 +732,7 @@ def trajectory_monitor(
     if value is None:
       raise TypeError("trajectory_monitor.update needs the keyword argument `value` (the loss "
                       "of this step), e.g. tx.update(grads, state, params, value=loss).")
-    flat = jax.flatten_util.ravel_pytree(updates)[0] if track_updates else None
-    s = tracker.update(state.tracker, value, flat)
+    s = tracker.update(state.tracker, value, updates if track_updates else None)
     return updates, TrajectoryMonitorState(tracker=s, info=s.info)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,6 +1,6 @@
 """Windowed evidence: multi-scale windows, rolling-quantile baseline, drift, Kalman/EWMA, stationarity.
 
-Seed 004: every metric is watched through a short window (fast response) and a long one
+Every metric is watched through a short window (fast response) and a long one
 (slow metrics), against a baseline made of the historical quantiles of the metric; the
 standardised offset from that baseline, smoothed by an EWMA and fused across windows with a
 Kalman filter, plus a stationarity test, turn each metric into a piece of *evidence* with a
@@ -273,6 +273,129 @@ def _evidence_probs(z_good, band, trend_good_t, p_stat, alpha):
   return probs / jnp.sum(probs)
 
 
+def _resolve_specs(metrics, *, short, long, history, num_batches, band, alpha):
+  """The :class:`MetricSpec` of every metric with the defaults filled in; checks the arguments
+  of :func:`evidence_tracker`, each error naming the argument."""
+  specs = []
+  for m in metrics:
+    s = MetricSpec(m) if isinstance(m, str) else m
+    if not isinstance(s, MetricSpec):
+      raise TypeError(f"`metrics` entries must be str or MetricSpec, got {m!r}")
+    if s.mode not in ("min", "max"):
+      raise ValueError(f"metric {s.name!r}: `mode` must be 'min' or 'max', got {s.mode!r}")
+    s = s._replace(short=s.short or short, long=s.long or long, history=s.history or history)
+    if s.short < 2 or s.long % s.short or s.long % num_batches or s.long < 2 * s.short:
+      raise ValueError(f"metric {s.name!r}: need short >= 2 and long a multiple of short "
+                       f"(>= 2 short) and of num_batches={num_batches}; got short={s.short}, "
+                       f"long={s.long}")
+    if s.history < 4:
+      raise ValueError(f"metric {s.name!r}: `history` must be >= 4, got {s.history}")
+    specs.append(s)
+  names = [s.name for s in specs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"metric names must be distinct, got {names}")
+  if not 0 < alpha < 1:
+    raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}")
+  if not band >= 0:
+    raise ValueError(f"`band` must be >= 0, got {band!r}")
+  return tuple(specs)
+
+
+def _init_metric(s: MetricSpec) -> tuple[MetricWindowState, EvidenceInfo]:
+  """Empty windows and a uniform (reliability 0) evidence for one metric."""
+  f = jnp.float32
+  st = MetricWindowState(
+      values=jnp.zeros((s.long,), f), mask=jnp.zeros((s.long,), bool),
+      blocks=jnp.zeros((s.history,), f), block_mask=jnp.zeros((s.history,), bool),
+      block_sum=f(0), block_n=jnp.int32(0), x=f(0), p=f(jnp.inf), ewma=f(0),
+      count=jnp.int32(0), num_skipped=jnp.int32(0), in_band=jnp.int32(0))
+  nan = f(jnp.nan)
+  ev = Evidence(direction=jnp.int32(0), strength=f(1 / 3), probs=jnp.full((3,), 1 / 3, f),
+                drift=f(0), trend_t=f(0), p_stationary=f(1), level=nan, level_sd=nan,
+                reliability=f(0), in_band_steps=jnp.int32(0), count=jnp.int32(0))
+  info = EvidenceInfo(evidence=ev, short_mean=nan, long_mean=nan,
+                      baseline=jnp.full((3,), jnp.nan, f), noise_var=nan, drift_var=nan,
+                      gain=f(0), ewma=nan, skipped=jnp.bool_(False),
+                      num_skipped=jnp.int32(0))
+  return st, info
+
+
+def _noise_variances(values, mask, w):
+  """(r, q) of the local-level model from the two windows (module docstring).
+
+  r: robust variance of first differences in the short window (the newest ``w`` samples;
+  Var Δy ≈ 2r). q: from the long window's block means of ``w`` samples,
+  Var(Δb) ≈ q (2w²+1)/(3w) + 2r/w. Both floored at a tiny positive value.
+  """
+  short_v, short_m = values[-w:], mask[-w:]
+  dif = jnp.where(short_m[1:] & short_m[:-1], short_v[1:] - short_v[:-1], jnp.nan)
+  mad = jnp.nanmedian(jnp.abs(dif - jnp.nanmedian(dif)))
+  r = (1.482602218505602 * mad) ** 2 / 2
+  r = jnp.where(jnp.isfinite(r), r, 0.0)
+  lb = values.reshape(-1, w).mean(-1)
+  lbm = mask.reshape(-1, w).all(-1)
+  db = jnp.where(lbm[1:] & lbm[:-1], lb[1:] - lb[:-1], jnp.nan)
+  vdb = jnp.nanmean(db ** 2)
+  q = jnp.maximum(vdb - 2 * r / w, 0.0) * 3 * w / (2 * w * w + 1)
+  q = jnp.where(jnp.isfinite(q), q, 0.0)
+  tiny = 1e-12 + 1e-6 * r
+  return jnp.maximum(r, tiny), jnp.maximum(q, tiny)
+
+
+def _update_metric(s: MetricSpec, st: MetricWindowState, info: EvidenceInfo, y, *,
+                   num_batches, band, alpha, ewma_alpha):
+  """One sample of one metric: windows, Kalman level, baseline, drift, trend test, evidence.
+  A non-finite sample leaves the state unchanged (counted in ``num_skipped``)."""
+  y = jnp.asarray(y, jnp.float32)
+  ok = jnp.isfinite(y)
+  yv = jnp.where(ok, y, 0.0)
+  a_ewma = 2.0 / (s.short + 1) if ewma_alpha is None else ewma_alpha
+  values = jnp.concatenate([st.values[1:], yv[None]])
+  mask = jnp.concatenate([st.mask[1:], jnp.ones((1,), bool)])
+  bsum, bn = st.block_sum + yv, st.block_n + 1
+  full = bn == s.short
+  blocks = jnp.where(full, jnp.concatenate([st.blocks[1:], (bsum / s.short)[None]]),
+                     st.blocks)
+  bmask = jnp.where(full, jnp.concatenate([st.block_mask[1:], jnp.ones((1,), bool)]),
+                    st.block_mask)
+  bsum = jnp.where(full, 0.0, bsum)
+  bn = jnp.where(full, 0, bn)
+  count = st.count + 1
+  short_mean = _masked_mean(values[-s.short:], mask[-s.short:])
+  long_mean = _masked_mean(values, mask)
+  r, q = _noise_variances(values, mask, s.short)
+  first = st.count == 0
+  pm = jnp.where(first, jnp.inf, st.p + q)
+  k = jnp.where(first, 1.0, pm / (pm + r))
+  x = jnp.where(first, yv, st.x + k * (yv - st.x))
+  p = jnp.where(first, r, (1 - k) * pm)
+  e = jnp.where(first, yv, st.ewma + a_ewma * (yv - st.ewma))
+  base = rolling_quantiles(blocks, bmask)
+  spread = (base[2] - base[0]) / _IQR_TO_SD
+  have_base = jnp.sum(bmask) >= 4
+  z = jnp.where(have_base, (x - base[1]) / jnp.sqrt(spread ** 2 + p + 1e-30), 0.0)
+  t, pval, _ = batch_means_trend_test(values, num_batches, mask)
+  sign = 1.0 if s.mode == "max" else -1.0
+  probs = _evidence_probs(sign * z, band, sign * t, pval, alpha)
+  idx = jnp.argmax(probs)
+  direction = jnp.asarray([IMPROVING, STABLE, WORSENING], jnp.int32)[idx]
+  in_band = jnp.where(direction == STABLE, st.in_band + 1, 0)
+  ev = Evidence(direction=direction, strength=probs[idx], probs=probs, drift=z, trend_t=t,
+                p_stationary=pval, level=x, level_sd=jnp.sqrt(p),
+                reliability=jnp.mean(mask.astype(jnp.float32)), in_band_steps=in_band,
+                count=count)
+  new = MetricWindowState(values=values, mask=mask, blocks=blocks, block_mask=bmask,
+                          block_sum=bsum, block_n=bn, x=x, p=p, ewma=e, count=count,
+                          num_skipped=st.num_skipped, in_band=in_band)
+  new_info = EvidenceInfo(evidence=ev, short_mean=short_mean, long_mean=long_mean,
+                          baseline=base, noise_var=r, drift_var=q, gain=k, ewma=e,
+                          skipped=jnp.bool_(False), num_skipped=st.num_skipped)
+  skipped_st = st._replace(num_skipped=st.num_skipped + 1)
+  skipped_info = info._replace(skipped=jnp.bool_(True), num_skipped=st.num_skipped + 1)
+  pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(ok, u, v), a, b)
+  return pick(new, skipped_st), pick(new_info, skipped_info)
+
+
 def evidence_tracker(
     metrics: Sequence[str | MetricSpec],
     *,
@@ -299,124 +422,21 @@ def evidence_tracker(
     band: half-width of the "stable" band for the standardised drift.
     alpha: level of the stationarity test.
   """
-  specs = []
-  for m in metrics:
-    s = MetricSpec(m) if isinstance(m, str) else m
-    if not isinstance(s, MetricSpec):
-      raise TypeError(f"`metrics` entries must be str or MetricSpec, got {m!r}")
-    if s.mode not in ("min", "max"):
-      raise ValueError(f"metric {s.name!r}: `mode` must be 'min' or 'max', got {s.mode!r}")
-    s = s._replace(short=s.short or short, long=s.long or long, history=s.history or history)
-    if s.short < 2 or s.long % s.short or s.long % num_batches or s.long < 2 * s.short:
-      raise ValueError(f"metric {s.name!r}: need short >= 2 and long a multiple of short "
-                       f"(>= 2 short) and of num_batches={num_batches}; got short={s.short}, "
-                       f"long={s.long}")
-    if s.history < 4:
-      raise ValueError(f"metric {s.name!r}: `history` must be >= 4, got {s.history}")
-    specs.append(s)
-  names = [s.name for s in specs]
-  if len(set(names)) != len(names):
-    raise ValueError(f"metric names must be distinct, got {names}")
-  if not 0 < alpha < 1:
-    raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}")
-  if not band >= 0:
-    raise ValueError(f"`band` must be >= 0, got {band!r}")
-  specs = tuple(specs)
-
-  def init_metric(s: MetricSpec):
-    f = jnp.float32
-    st = MetricWindowState(
-        values=jnp.zeros((s.long,), f), mask=jnp.zeros((s.long,), bool),
-        blocks=jnp.zeros((s.history,), f), block_mask=jnp.zeros((s.history,), bool),
-        block_sum=f(0), block_n=jnp.int32(0), x=f(0), p=f(jnp.inf), ewma=f(0),
-        count=jnp.int32(0), num_skipped=jnp.int32(0), in_band=jnp.int32(0))
-    nan = f(jnp.nan)
-    ev = Evidence(direction=jnp.int32(0), strength=f(1 / 3), probs=jnp.full((3,), 1 / 3, f),
-                  drift=f(0), trend_t=f(0), p_stationary=f(1), level=nan, level_sd=nan,
-                  reliability=f(0), in_band_steps=jnp.int32(0), count=jnp.int32(0))
-    info = EvidenceInfo(evidence=ev, short_mean=nan, long_mean=nan,
-                        baseline=jnp.full((3,), jnp.nan, f), noise_var=nan, drift_var=nan,
-                        gain=f(0), ewma=nan, skipped=jnp.bool_(False),
-                        num_skipped=jnp.int32(0))
-    return st, info
+  specs = _resolve_specs(metrics, short=short, long=long, history=history,
+                         num_batches=num_batches, band=band, alpha=alpha)
 
   def init() -> EvidenceState:
-    pairs = {s.name: init_metric(s) for s in specs}
+    pairs = {s.name: _init_metric(s) for s in specs}
     return EvidenceState(metrics={k: v[0] for k, v in pairs.items()},
                          info={k: v[1] for k, v in pairs.items()})
-
-  def update_metric(s: MetricSpec, st: MetricWindowState, info: EvidenceInfo, y):
-    y = jnp.asarray(y, jnp.float32)
-    ok = jnp.isfinite(y)
-    yv = jnp.where(ok, y, 0.0)
-    a_ewma = 2.0 / (s.short + 1) if ewma_alpha is None else ewma_alpha
-    values = jnp.concatenate([st.values[1:], yv[None]])
-    mask = jnp.concatenate([st.mask[1:], jnp.ones((1,), bool)])
-    bsum, bn = st.block_sum + yv, st.block_n + 1
-    full = bn == s.short
-    blocks = jnp.where(full, jnp.concatenate([st.blocks[1:], (bsum / s.short)[None]]),
-                       st.blocks)
-    bmask = jnp.where(full, jnp.concatenate([st.block_mask[1:], jnp.ones((1,), bool)]),
-                      st.block_mask)
-    bsum = jnp.where(full, 0.0, bsum)
-    bn = jnp.where(full, 0, bn)
-    count = st.count + 1
-    short_v, short_m = values[-s.short:], mask[-s.short:]
-    short_mean = _masked_mean(short_v, short_m)
-    long_mean = _masked_mean(values, mask)
-    # r: robust variance of first differences in the short window (Var Δy ≈ 2r).
-    dif = jnp.where(short_m[1:] & short_m[:-1], short_v[1:] - short_v[:-1], jnp.nan)
-    mad = jnp.nanmedian(jnp.abs(dif - jnp.nanmedian(dif)))
-    r = (1.482602218505602 * mad) ** 2 / 2
-    r = jnp.where(jnp.isfinite(r), r, 0.0)
-    # q: block means of the long window; Var(Δb) ≈ q (2w²+1)/(3w) + 2r/w.
-    w = s.short
-    lb = values.reshape(-1, w).mean(-1)
-    lbm = mask.reshape(-1, w).all(-1)
-    db = jnp.where(lbm[1:] & lbm[:-1], lb[1:] - lb[:-1], jnp.nan)
-    vdb = jnp.nanmean(db ** 2)
-    q = jnp.maximum(vdb - 2 * r / w, 0.0) * 3 * w / (2 * w * w + 1)
-    q = jnp.where(jnp.isfinite(q), q, 0.0)
-    tiny = 1e-12 + 1e-6 * r
-    q = jnp.maximum(q, tiny)
-    r = jnp.maximum(r, tiny)
-    first = st.count == 0
-    pm = jnp.where(first, jnp.inf, st.p + q)
-    k = jnp.where(first, 1.0, pm / (pm + r))
-    x = jnp.where(first, yv, st.x + k * (yv - st.x))
-    p = jnp.where(first, r, (1 - k) * pm)
-    e = jnp.where(first, yv, st.ewma + a_ewma * (yv - st.ewma))
-    base = rolling_quantiles(blocks, bmask)
-    spread = (base[2] - base[0]) / _IQR_TO_SD
-    have_base = jnp.sum(bmask) >= 4
-    z = jnp.where(have_base, (x - base[1]) / jnp.sqrt(spread ** 2 + p + 1e-30), 0.0)
-    t, pval, _ = batch_means_trend_test(values, num_batches, mask)
-    sign = 1.0 if s.mode == "max" else -1.0
-    probs = _evidence_probs(sign * z, band, sign * t, pval, alpha)
-    idx = jnp.argmax(probs)
-    direction = jnp.asarray([IMPROVING, STABLE, WORSENING], jnp.int32)[idx]
-    in_band = jnp.where(direction == STABLE, st.in_band + 1, 0)
-    ev = Evidence(direction=direction, strength=probs[idx], probs=probs, drift=z, trend_t=t,
-                  p_stationary=pval, level=x, level_sd=jnp.sqrt(p),
-                  reliability=jnp.mean(mask.astype(jnp.float32)), in_band_steps=in_band,
-                  count=count)
-    new = MetricWindowState(values=values, mask=mask, blocks=blocks, block_mask=bmask,
-                            block_sum=bsum, block_n=bn, x=x, p=p, ewma=e, count=count,
-                            num_skipped=st.num_skipped, in_band=in_band)
-    new_info = EvidenceInfo(evidence=ev, short_mean=short_mean, long_mean=long_mean,
-                            baseline=base, noise_var=r, drift_var=q, gain=k, ewma=e,
-                            skipped=jnp.bool_(False), num_skipped=st.num_skipped)
-    skipped_st = st._replace(num_skipped=st.num_skipped + 1)
-    skipped_info = info._replace(skipped=jnp.bool_(True), num_skipped=st.num_skipped + 1)
-    pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(ok, u, v), a, b)
-    return pick(new, skipped_st), pick(new_info, skipped_info)
 
   def update(state: EvidenceState, values: Mapping[str, Any]) -> EvidenceState:
     ms, infos = {}, {}
     for s in specs:
       st, info = state.metrics[s.name], state.info[s.name]
       if s.name in values and values[s.name] is not None:
-        st, info = update_metric(s, st, info, values[s.name])
+        st, info = _update_metric(s, st, info, values[s.name], num_batches=num_batches,
+                                  band=band, alpha=alpha, ewma_alpha=ewma_alpha)
       else:
         st = st._replace(num_skipped=st.num_skipped + 1)
         info = info._replace(skipped=jnp.bool_(True), num_skipped=st.num_skipped)

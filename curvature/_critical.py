@@ -1,6 +1,10 @@
 """Critical sharpness: the step size at which the loss starts to rise along an update.
 
 Kalra et al. 2026, "Scalable curvature ... critical sharpness", arXiv 2601.16979.
+
+The module has three layers: the reference point (L(θ) and the slope along Δθ, from the
+gradient or one forward-mode pass), the search over the step size (one ``lax.while_loop`` whose
+body is :func:`_search_step`), and the result (status codes, λ_c = 2/η_c).
 """
 
 from __future__ import annotations
@@ -18,16 +22,21 @@ LossFn = Callable[[PyTree], jax.Array]
 
 # Status codes carried in ``CriticalSharpness.status`` (an int32, so they survive jit).
 STATUS_OK = 0
-"""Bracketed and bisected to the requested tolerance."""
+"""Bracketed to the requested tolerance, with a loss change the loss's dtype resolves."""
 STATUS_MAX_EVALS = 1
-"""Bracketed, but the evaluation cap stopped the bisection early; the bracket is still valid."""
+"""The evaluation cap stopped the search early: the bracket is valid but wider than asked
+(λ_c from its midpoint), or no step with a lower loss was found yet (λ_c NaN)."""
 STATUS_NO_RISE = 2
-"""The loss never rose above L(θ) while the step doubled up to the cap: η_c = ∞, λ_c = 0."""
+"""The loss never rose above L(θ) while the step grew up to the cap: η_c = ∞, λ_c = 0."""
 STATUS_NOT_DESCENT = 3
-"""The loss never fell below L(θ) while the step halved down to the cap: Δθ is not a descent
-direction (Δθᵀg ≤ 0); reported as λ_c = 0, η_c = ∞."""
+"""Δθᵀ∇L(θ) ≤ 0: the step θ − ηΔθ raises the loss to first order at every small η.
+Reported as λ_c = 0, η_c = ∞, decided from the slope before any trial step."""
 STATUS_NONFINITE = 4
-"""L(θ) or a trial loss was NaN (or L(θ) was ±inf): λ_c and η_c are NaN."""
+"""L(θ), the slope or a trial loss was NaN (or L(θ) was ±inf): λ_c and η_c are NaN."""
+STATUS_UNRESOLVED = 5
+"""The loss's dtype cannot place η_c to the tolerance: the first-order change of the loss
+across the tolerance window, Δθᵀ∇L · 2^-k · η, is below twice the rounding of L(θ) (4 ulps)
+for every step still in question. λ_c and η_c are NaN; ``lower``/``upper`` keep the bracket."""
 
 STATUS_NAMES = {
     STATUS_OK: "ok",
@@ -35,56 +44,42 @@ STATUS_NAMES = {
     STATUS_NO_RISE: "no_rise",
     STATUS_NOT_DESCENT: "not_descent",
     STATUS_NONFINITE: "nonfinite",
+    STATUS_UNRESOLVED: "unresolved",
 }
 
-# Phases of the search loop.
-_START, _GROW, _SHRINK, _BISECT, _DONE = 0, 1, 2, 3, 4
-
-
+# A trial loss is compared with L(θ) after both were rounded to the loss's dtype; each carries
+# about one ulp of rounding from the forward pass's last reductions, so a difference below a few
+# ulps of L(θ) says nothing about the sign of the true difference.
+_RESOLUTION_ULPS = 4.0
+# The interpolating search trusts its model for at most this many trials per search, then
+# falls back to the paper's rule (which always makes progress).
 _MAX_MODEL_TRIALS = 4
+# One model trial extrapolates at most this factor beyond the largest step without a rise: a
+# parabola fitted where the line is still flat can overshoot (and a far step can overflow).
+_MAX_EXTRAPOLATION = 8.0
+# A closing trial is placed at the edge of the window that meets the stopping rule, moved in
+# by this fraction of the tolerance so that rounding cannot leave the bracket just too wide.
+_EDGE = 0.999
 
-
-def _two_point_parabola(e1, f1, e2, f2):
-  """Coefficients (a, b) of f(η) = aη + bη² through (0, 0), (e1, f1), (e2, f2)."""
-  b = (f2 / e2 - f1 / e1) / (e2 - e1)
-  return f2 / e2 - b * e2, b
-
-
-def _slope_parabola(slope, e1, f1):
-  """Coefficients (a, b) of f(η) = aη + bη² with f'(0) = slope through (e1, f1)."""
-  return slope, (f1 - slope * e1) / (e1 * e1)
-
-
-def _model_trial(a, b, lo, hi, eps, tol):
-  """Next trial from the parabola f(η) = aη + bη², f = L(θ − ηΔθ) − L0.
-
-  The parabola is exact on a quadratic loss. Its root η̂ = −a/b estimates η_c; the trial goes
-  to η̂(1 − ε) unless a trial at η̂(1 + ε) would already meet the stopping rule, so that two
-  trials close a bracket that meets the stopping rule. Returns the trial and whether the
-  model is usable (convex, descending, root strictly inside the bracket); the trial is kept
-  5 % of the bracket away from its ends.
-  """
-  root = -a / b
-  ok = (b > 0) & (a < 0) & jnp.isfinite(root) & (root > lo) & (root < hi)
-  # A trial above the root closes the bracket already when the lower end is close enough.
-  need_low = 1 - lo / (root * (1 + eps)) > 0.999 * tol
-  trial = jnp.where(need_low, root * (1 - eps), root * (1 + eps))
-  width = jnp.where(jnp.isfinite(hi), hi - lo, 0.0)
-  trial = jnp.clip(trial, lo + 0.05 * width, jnp.where(jnp.isfinite(hi), hi - 0.05 * width,
-                                                       trial))
-  return jnp.where(ok, trial, 1.0), ok
+METHODS = ("interpolate", "bisect")
+BRACKETS = ("trials", "convex")
 
 
 class CriticalSharpness(NamedTuple):
   """Result of :func:`critical_sharpness`.
 
   Attributes:
-    sharpness: λ_c = 2/η_c. 0 for STATUS_NO_RISE / STATUS_NOT_DESCENT, NaN for STATUS_NONFINITE.
-    step_size: η_c = (lower + upper)/2; ∞ when the loss never rose, NaN when non-finite.
-    lower: largest step tried at which the loss did not rise above L(θ).
+    sharpness: λ_c = 2/η_c. 0 for STATUS_NO_RISE / STATUS_NOT_DESCENT, NaN for
+      STATUS_NONFINITE / STATUS_UNRESOLVED and for STATUS_MAX_EVALS without a bracket.
+    step_size: η_c = (lower + upper)/2; ∞ when the loss never rises or never falls, NaN where
+      ``sharpness`` is NaN.
+    lower: largest step tried at which the loss did not rise above L(θ) (0 when none).
     upper: smallest step tried at which it did (∞ when none did).
-    num_evals: loss evaluations made, including L(θ) when ``loss0`` was not given (int32).
+    num_evals: loss evaluations made, including the pass for L(θ) and the slope when they were
+      computed here (one ``jax.jvp``, counted as one evaluation) (int32).
     loss0: L(θ), the reference loss (float32 or wider).
+    slope: Δθᵀ∇L(θ), the rate at which the step θ − ηΔθ lowers the loss at η = 0 (> 0 for a
+      descent direction); from ``grad`` when given, else from the jvp.
     status: one of the ``STATUS_*`` codes (int32); ``STATUS_NAMES`` maps them to words.
   """
 
@@ -94,10 +89,17 @@ class CriticalSharpness(NamedTuple):
   upper: jax.Array
   num_evals: jax.Array
   loss0: jax.Array
+  slope: jax.Array
   status: jax.Array
 
 
-def _check_search_args(step_guess, tol_power, max_evals, growth) -> None:
+def check_search_args(step_guess, tol_power, max_evals, growth, method,
+                      bracket="trials") -> None:
+  """Raise a ValueError naming the first bad search argument (trace time)."""
+  if method not in METHODS:
+    raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+  if bracket not in BRACKETS:
+    raise ValueError(f"`bracket` must be one of {BRACKETS}, got {bracket!r}")
   if not isinstance(tol_power, int) or tol_power < 1:
     raise ValueError(f"`tol_power` must be an int >= 1, got {tol_power!r}")
   if not isinstance(max_evals, int) or max_evals < 2:
@@ -108,18 +110,263 @@ def _check_search_args(step_guess, tol_power, max_evals, growth) -> None:
     raise ValueError(f"`step_guess` must be > 0, got {step_guess!r}")
 
 
+# --------------------------------------------------------------------------------------------
+# The reference point: L(θ), the slope Δθᵀ∇L(θ) and the loss's resolution
+# --------------------------------------------------------------------------------------------
+
+
+def _reference(loss_fn, params, direction, loss0, grad, dtype):
+  """``(L0, Δθᵀ∇L, evaluations made)``, all in ``dtype``.
+
+  The slope comes from ``grad`` when given (free: the train step has it); otherwise from one
+  ``jax.jvp`` of ``loss_fn`` along Δθ, which returns L(θ) with it, so when ``loss0`` is not
+  given either the jvp replaces the forward pass for L(θ).
+  """
+  if grad is not None:
+    _tree.check_same_structure(params, grad, "params", "grad")
+    slope = _tree.tree_vdot(direction, grad).astype(dtype)
+    if loss0 is not None:
+      return jnp.asarray(loss0).astype(dtype), slope, 0
+    return jnp.asarray(loss_fn(params)).astype(dtype), slope, 1
+  tangent = jax.tree.map(lambda p, d: d.astype(p.dtype), params, direction)
+  l0, dl = jax.jvp(loss_fn, (params,), (tangent,))
+  if loss0 is not None:
+    l0 = loss0
+  return jnp.asarray(l0).astype(dtype), jnp.asarray(dl).astype(dtype), 1
+
+
+def _resolution(loss_fn, params, l0):
+  """``_RESOLUTION_ULPS`` ulps of L0 in the dtype ``loss_fn`` returns (a bfloat16 loss: 2^-7)."""
+  out_dtype = jax.eval_shape(loss_fn, params).dtype
+  return _RESOLUTION_ULPS * jnp.finfo(out_dtype).eps * jnp.abs(l0)
+
+
+# --------------------------------------------------------------------------------------------
+# Models of f(η) = L(θ − ηΔθ) − L0 that place the interpolating search's trials
+# --------------------------------------------------------------------------------------------
+
+
+def _parabola_root(slope, eta, f):
+  """Root η̂ > 0 of f(η) ≈ −slope·η + bη² through (η, f); NaN when that parabola has none."""
+  b = (f + slope * eta) / (eta * eta)
+  return jnp.where(b > 0, slope / jnp.where(b > 0, b, 1.0), jnp.nan)
+
+
+def _chord_parabola_root(e1, f1, e2, f2):
+  """Root η̂ > 0 of f(η) ≈ aη + bη² through (0, 0), (e1, f1) and (e2, f2); NaN when none.
+
+  It uses no slope: on a line far from quadratic, where the slope at 0 says little about the
+  shape near η_c, the two trials nearest η_c place the next one much better.
+  """
+  b = (f2 / e2 - f1 / e1) / (e2 - e1)
+  a = f1 / e1 - b * e1
+  return jnp.where((b > 0) & (a < 0), -a / jnp.where(b > 0, b, 1.0), jnp.nan)
+
+
+def _certified_lower(s, slope, resolution, convex: bool):
+  """The bracket's lower end: the largest tried step at which the loss did not rise, or, with
+  ``convex``, the root of the chord between the bracket's ends when that is larger.
+
+  If f(η) = L(θ − ηΔθ) − L0 is convex on [lower, upper], it lies below that chord, so it is
+  ≤ 0 up to the chord's root and η_c is at least the root. Used only when the samples are
+  consistent with convexity on [0, upper]: the first secant f_lo/lo not below the tangent
+  −slope at 0 (to the loss's rounding), and not above the secant from lower to upper.
+  """
+  if not convex:
+    return s.lo
+  both = (s.lo > 0) & jnp.isfinite(s.hi) & jnp.isfinite(s.f_hi)
+  lo = jnp.where(both, s.lo, 1.0)
+  rise = jnp.where(both, s.f_hi - s.f_lo, 1.0)
+  chord = lo - s.f_lo * (s.hi - lo) / rise
+  consistent = ((s.f_lo + slope * lo >= -2.0 * resolution)
+                & (s.f_lo / lo <= rise / jnp.where(both, s.hi - lo, 1.0)))
+  return jnp.where(both & consistent & (chord > s.lo) & (chord < s.hi), chord, s.lo)
+
+
+def _model_trial(slope, s, tol, convex: bool):
+  """The interpolating search's next trial from the bracket and the model's root.
+
+  The model's root η̂ is the best guess of η_c: after the first trial, from the parabola with
+  the known slope through it (exact on a quadratic); later, from the parabola through (0, 0)
+  and two trials — the bracket's ends once both are known, else the last two trials. When a
+  trial at the edge of the window that meets the stopping rule (lower/(1 − τ) above a lower
+  end, upper·(1 − τ) below an upper end, τ just under 2^-k) lies beyond η̂, that edge is
+  tried: it closes the bracket if η̂ errs by less than the window. Otherwise η̂ itself is
+  tried, so that the next trial can close the bracket on either side. Returns the trial,
+  whether it is usable, and whether it is an edge trial.
+  """
+  has_lo, has_hi = s.lo > 0, jnp.isfinite(s.hi)
+  both = has_lo & has_hi
+  first = s.e_prev == 0
+  e1 = jnp.where(both, s.lo, s.e_prev)
+  f1 = jnp.where(both, s.f_lo, s.f_prev)
+  e2 = jnp.where(both, s.hi, s.eta)
+  f2 = jnp.where(both, s.f_hi, s.f_eta)
+  root = jnp.where(first & ~both, _parabola_root(slope, s.eta, s.f_eta),
+                   _chord_parabola_root(jnp.where(first, 1.0, e1), f1, e2, f2))
+  # When the root sits within τ/4 of a known end (a trial landed on it: the model is good),
+  # a window of τ/2 closes the bracket as surely and halves the midpoint's error; otherwise
+  # the full window τ.
+  tau = _EDGE * tol
+  near_lo = has_lo & (root <= s.lo / (1.0 - 0.25 * tau))
+  near_hi = has_hi & (root >= s.hi * (1.0 - 0.25 * tau))
+  up_edge = s.lo / (1.0 - jnp.where(near_lo, 0.5 * tau, tau))
+  down_edge = s.hi * (1.0 - jnp.where(near_hi, 0.5 * tau, tau))
+  at_up, at_down = has_lo & (root <= up_edge), has_hi & (root >= down_edge)
+  if convex:
+    # Just above the root: a rise there closes the bracket with the chord from a lower end.
+    root = jnp.where(has_lo, jnp.minimum(root * (1.0 + 0.25 * tol), 0.5 * (root + s.hi)),
+                     root)
+  trial = jnp.where(at_up, up_edge, jnp.where(at_down, down_edge, root))
+  trial = jnp.where(has_hi, trial, jnp.minimum(trial, _MAX_EXTRAPOLATION * s.lo))
+  # A root outside the bracket (rounding, when an end sits on η_c) still sends the trial to
+  # the nearer edge, inside the bracket.
+  ok = (jnp.isfinite(root) & (trial > s.lo) & (trial < s.hi)
+        & jnp.isfinite(f1) & jnp.isfinite(f2) & (s.n_model < _MAX_MODEL_TRIALS))
+  return trial, ok, at_up | at_down
+
+
+# --------------------------------------------------------------------------------------------
+# The search loop
+# --------------------------------------------------------------------------------------------
+
+
+class _Search(NamedTuple):
+  eta: jax.Array        # the next trial step
+  lo: jax.Array         # largest step without a rise (0: none yet)
+  hi: jax.Array         # smallest step with a rise (∞: none yet)
+  f_lo: jax.Array       # L − L0 at lo and at hi, for the model
+  f_hi: jax.Array
+  f_eta: jax.Array      # L − L0 at the trial just made (``eta`` until the next is placed)
+  e_prev: jax.Array     # the trial before it and its L − L0 (0: none)
+  f_prev: jax.Array
+  num_evals: jax.Array
+  n_model: jax.Array    # model trials made
+  by_model: jax.Array   # whether ``eta`` was placed by the model
+  done: jax.Array       # converged, or stopped by a status below
+  status: jax.Array     # provisional: NONFINITE / NOT_DESCENT / UNRESOLVED when ``done``
+
+
+def _paper_trial(s, growth):
+  """Kalra et al.'s rule: grow by ``growth`` until a rise, shrink until a fall, then bisect."""
+  return jnp.where(~jnp.isfinite(s.hi), s.eta * growth,
+                   jnp.where(s.lo == 0, s.eta / growth, 0.5 * (s.lo + s.hi)))
+
+
+def _bracket_ratio(lo, hi):
+  """hi/lo of a bracket; ∞ while one end is unknown."""
+  return jnp.where((lo > 0) & jnp.isfinite(hi), hi / jnp.where(lo > 0, lo, 1.0), jnp.inf)
+
+
+def _search_step(s: _Search, f, *, slope, resolution, tol, growth, interpolate,
+                 convex) -> _Search:
+  """One trial's bookkeeping: move a bracket end to ``s.eta``, then place the next trial.
+
+  ``f = L(θ − ηΔθ) − L0`` at η = ``s.eta``. A rise (f > 0, +inf included) moves the upper
+  end; otherwise the lower end, except while no lower end is known, when a fall must be strict
+  (f < 0, the paper's shrink phase: a trial whose step rounds away leaves the loss unchanged)
+  unless the model placed the trial.
+  """
+  eta, old_lo, old_hi = s.eta, s.lo, s.hi
+  rise = f > 0
+  # (A model trial sits at the model's root, far from steps that round away: a tie there is
+  # a tie, not a step lost to rounding.)
+  fall = jnp.where(s.lo > 0, ~rise, (f < 0) | ((f == 0) & s.by_model)) | (
+      ~rise & ~jnp.isfinite(s.hi))
+  lo = jnp.where(fall, eta, s.lo)
+  f_lo = jnp.where(fall, f, s.f_lo)
+  hi = jnp.where(rise, eta, s.hi)
+  f_hi = jnp.where(rise, f, s.f_hi)
+  n = s.num_evals + 1
+  bad = jnp.isnan(f)
+  s = s._replace(lo=lo, hi=hi, f_lo=f_lo, f_hi=f_hi)
+  converged = (lo > 0) & jnp.isfinite(hi) & (
+      1.0 - _certified_lower(s, slope, resolution, convex) / hi <= tol)
+  # No lower end yet and the first-order fall at this step is already below the loss's
+  # resolution over the tolerance window: every smaller step is as unresolved.
+  floor = (lo == 0) & (slope * eta * tol < 2.0 * resolution)
+  done = bad | converged | floor
+  status = jnp.where(bad, STATUS_NONFINITE, jnp.where(converged, STATUS_OK, STATUS_UNRESOLVED))
+  s = s._replace(f_eta=f, num_evals=n, done=done, status=status.astype(jnp.int32))
+  nxt = _paper_trial(s, growth)
+  if interpolate:
+    model, use, edge = _model_trial(slope, s, tol, convex)
+    # Safeguards for a line far from quadratic, where the model errs the same way trial after
+    # trial: unless the model now asks for an edge trial (which may close the bracket), a
+    # model trial that left the bracket one-sided is followed by the paper's step (x growth
+    # or / growth), and one that did not halve the bracket's log-width by a geometric
+    # bisection, before the model is trusted again.
+    before = jnp.log(_bracket_ratio(old_lo, old_hi))
+    after = jnp.log(_bracket_ratio(lo, hi))
+    stalled = jnp.isfinite(after) & (after > 0.5 * before) & s.by_model
+    one_sided_again = ~jnp.isfinite(after) & s.by_model
+    use = use & (edge | (~stalled & ~one_sided_again))
+    nxt = jnp.where(use, model, jnp.where(stalled & ~edge, jnp.sqrt(lo * hi), nxt))
+    s = s._replace(n_model=s.n_model + use.astype(jnp.int32), by_model=use)
+  return s._replace(eta=nxt, e_prev=eta, f_prev=f)
+
+
+def _run_search(trial_loss, l0, slope, resolution, *, eta0, n0, tol, growth, max_evals,
+                interpolate, convex) -> _Search:
+  """The ``lax.while_loop`` over trials; stops on convergence, a status, or ``max_evals``."""
+  dtype = l0.dtype
+  nonfinite = ~jnp.isfinite(l0) | jnp.isnan(slope)
+  not_descent = ~nonfinite & (slope <= 0)
+  init = _Search(
+      eta=eta0, lo=jnp.zeros((), dtype), hi=jnp.asarray(jnp.inf, dtype),
+      f_lo=jnp.zeros((), dtype), f_hi=jnp.zeros((), dtype), f_eta=jnp.zeros((), dtype),
+      e_prev=jnp.zeros((), dtype), f_prev=jnp.zeros((), dtype), num_evals=jnp.int32(n0),
+      n_model=jnp.int32(0), by_model=jnp.bool_(False), done=nonfinite | not_descent,
+      status=jnp.where(nonfinite, STATUS_NONFINITE, STATUS_NOT_DESCENT).astype(jnp.int32))
+
+  def body(s):
+    f = trial_loss(s.eta) - l0
+    return _search_step(s, f, slope=slope, resolution=resolution, tol=tol, growth=growth,
+                        interpolate=interpolate, convex=convex)
+
+  return jax.lax.while_loop(lambda s: ~s.done & (s.num_evals < max_evals), body, init)
+
+
+def _result(s: _Search, l0, slope, tol, resolution, convex) -> CriticalSharpness:
+  """Status, η_c and λ_c from the final search state (see the ``STATUS_*`` codes)."""
+  dtype = l0.dtype
+  bracketed = (s.lo > 0) & jnp.isfinite(s.hi)
+  lower = _certified_lower(s, slope, resolution, convex)
+  eta_c = 0.5 * (lower + s.hi)
+  # A bracket that met the stopping rule (or the cap) but whose tolerance window changes the
+  # loss by less than its rounding was placed by rounding, not by the loss.
+  unresolved = bracketed & (slope * eta_c * tol < 2.0 * resolution)
+  status = jnp.select(
+      [s.done & (s.status != STATUS_OK), unresolved, s.done, bracketed, s.lo > 0],
+      [s.status, STATUS_UNRESOLVED, STATUS_OK, STATUS_MAX_EVALS, STATUS_NO_RISE],
+      STATUS_MAX_EVALS).astype(jnp.int32)
+  nan, inf, zero = (jnp.asarray(v, dtype) for v in (jnp.nan, jnp.inf, 0.0))
+  measured = (status == STATUS_OK) | ((status == STATUS_MAX_EVALS) & bracketed)
+  no_curvature = (status == STATUS_NO_RISE) | (status == STATUS_NOT_DESCENT)
+  eta_c = jnp.where(measured, eta_c, jnp.where(no_curvature, inf, nan))
+  sharpness = jnp.where(measured, 2.0 / eta_c, jnp.where(no_curvature, zero, nan))
+  return CriticalSharpness(sharpness=sharpness, step_size=eta_c, lower=lower, upper=s.hi,
+                           num_evals=s.num_evals, loss0=l0, slope=slope, status=status)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
 def critical_sharpness(
     loss_fn: LossFn,
     params: PyTree,
     direction: PyTree,
     *,
+    grad: PyTree | None = None,
     loss0: jax.Array | float | None = None,
     step_guess: jax.Array | float = 1.0,
     tol_power: int = 4,
     max_evals: int = 40,
     growth: jax.Array | float = 2.0,
-    method: str = "bisect",
-    slope: jax.Array | float | None = None,
+    method: str = "interpolate",
+    bracket: str = "trials",
 ) -> CriticalSharpness:
   r"""Critical sharpness along an update direction, from forward passes only.
 
@@ -127,55 +374,55 @@ def critical_sharpness(
      \eta_c = \min\{\eta > 0 : L(\theta - \eta\,\Delta\theta) > L(\theta)\}, \qquad
      \lambda_c = 2/\eta_c .
 
-  The search of Kalra et al. (2026, arXiv 2601.16979, Alg. 1): one forward pass for
-  :math:`L_0 = L(\theta)` (skipped when ``loss0`` is given); an exponential phase from
-  :math:`\eta_0` = ``step_guess`` that multiplies the step by ``growth`` while the loss stays
-  at or below :math:`L_0` (bracket :math:`[\eta/g, \eta]`) or divides it while the loss is not
-  below :math:`L_0` (bracket :math:`[\eta, g\eta]`); then bisection — ``upper = mid`` when
-  :math:`L(\text{mid}) > L_0`, else ``lower = mid`` — until
-  :math:`1 - \text{lower}/\text{upper} \le 2^{-k}`. :math:`\eta_c` is the bracket's midpoint, so
-  the relative error of :math:`\lambda_c` is at most :math:`2^{-k-1}/(1-2^{-k-1})` (3.2 % at the
-  default ``k = 4``). The paper's search is ``growth = 2``.
-
-  On the quadratic :math:`\tfrac12\theta^\top A\theta` the loss rises exactly when
-  :math:`\eta > 2/\lambda_{dir}` with :math:`\lambda_{dir} = \Delta\theta^\top A\Delta\theta /
-  \Delta\theta^\top g`, so :math:`\lambda_c = \lambda_{dir}` within the tolerance. The step
-  :math:`\theta - \eta_t\Delta\theta` raises the loss on this batch exactly when
+  (Kalra et al. 2026, arXiv 2601.16979.) The search brackets :math:`\eta_c` between a step at
+  which the loss did not rise (``lower``) and one at which it did (``upper``) until
+  :math:`1 - \text{lower}/\text{upper} \le 2^{-k}`, and reports the midpoint :math:`m`, so
+  :math:`|\lambda_c/\lambda_c^* - 1| = |\eta_c^* - m|/m \le (\text{upper}-\text{lower})/
+  (\text{upper}+\text{lower}) \le 2^{-k}/(2 - 2^{-k})` (1/31 = 3.2 % at the default
+  ``k = 4``). On a quadratic, :math:`\lambda_c = \Delta\theta^\top A\Delta\theta /
+  \Delta\theta^\top g` (the directional sharpness) within that tolerance; the step
+  :math:`\theta-\eta_t\Delta\theta` raises the loss on this batch exactly when
   :math:`\lambda_c > 2/\eta_t`.
 
-  The loop is a ``lax.while_loop``: the function jits with no host round-trip, and every path
-  ends within ``max_evals`` evaluations. Losses are compared in float32 or wider.
+  The slope :math:`\Delta\theta^\top\nabla L(\theta)` is known before any trial: from ``grad``
+  (free), else from one ``jax.jvp`` of ``loss_fn`` along Δθ (one forward-mode pass, about two
+  to three forward passes of time, which also yields :math:`L_0`; a loss with a
+  ``jax.custom_vjp`` has no jvp and needs ``grad``). A slope ≤ 0 stops the search before any
+  trial with ``STATUS_NOT_DESCENT`` (every small step raises the loss); a step whose first-order
+  change is below the loss's rounding ends it with ``STATUS_UNRESOLVED`` (see the codes).
 
-  Non-finite input: a non-finite :math:`L_0` or a NaN trial loss stops the search with
-  ``STATUS_NONFINITE`` and NaN sharpness; a trial loss of ``+inf`` counts as a rise. A
-  direction along which the loss never rises (``STATUS_NO_RISE``) or never falls
-  (``STATUS_NOT_DESCENT``, i.e. :math:`\Delta\theta^\top g \le 0`) returns sharpness 0 and
-  step ∞ after ``max_evals`` evaluations. Nothing raises inside jit.
+  ``method="interpolate"`` (default) places each trial from a model of
+  :math:`f(\eta) = L(\theta-\eta\Delta\theta) - L_0` (see ``_model_trial``): its root, or
+  the edge of the window that meets the stopping rule next to a known end, which closes the
+  bracket in one more trial; a warm search takes about three evaluations, with the paper's
+  rule as the fallback, so the guarantee is the same. ``method="bisect"`` is the paper's
+  search (Alg. 1, with ``growth=2``): multiply the step by ``growth`` while the loss does not
+  rise, divide while it does not fall, then bisect.
+
+  The loop is a ``lax.while_loop``: it jits with no host round trip and ends within
+  ``max_evals`` evaluations. Losses are compared in float32 or wider. Nothing raises inside jit:
+  a NaN :math:`L_0`, slope or trial loss gives ``STATUS_NONFINITE``; a trial loss of ``+inf``
+  counts as a rise.
 
   Args:
     loss_fn: ``loss_fn(params) -> scalar``, the loss at a fixed batch.
     params: :math:`\theta`.
     direction: :math:`\Delta\theta`, a descent direction at unit learning rate (the step is
       ``params - eta * direction``); same pytree structure as ``params``.
-    loss0: :math:`L(\theta)` when already known (e.g. from the train step): saves one pass.
-    step_guess: :math:`\eta_0`, e.g. the previous step's :math:`\eta_c` (warm start).
+    grad: :math:`\nabla L(\theta)` of this ``loss_fn`` (e.g. from the train step), shaped like
+      ``params``: saves the jvp. Its sign decides ``STATUS_NOT_DESCENT``.
+    loss0: :math:`L(\theta)` when already known (e.g. from the train step).
+    step_guess: :math:`\eta_0`, the first trial, e.g. the previous step's :math:`\eta_c`.
     tol_power: ``k`` in the stopping rule :math:`1-\text{lower}/\text{upper}\le 2^{-k}`.
-    max_evals: cap on loss evaluations, including :math:`L_0` when it is computed here.
-    growth: factor of the exponential phase (2 in the paper); may be a traced scalar > 1, so
-      that a caller can adapt it from step to step without recompiling.
-    method: ``"bisect"`` (the paper's search, above) or ``"interpolate"``: the same phases and
-      the same stopping rule, but once two trials are known the next trial is placed from the
-      parabola through :math:`(0, L_0)` and the last two trials, just below and then just above
-      its root, so that a nearly quadratic loss is bracketed to tolerance in about four
-      evaluations; the model is used at most four times per search and only when its root lies
-      inside the current bracket, otherwise the paper's rule applies. The result satisfies the
-      same guarantee (``lower`` not above, ``upper`` above :math:`L_0`, ratio within
-      :math:`2^{-k}`).
-    slope: with ``method="interpolate"``, the directional derivative
-      :math:`\tfrac{d}{d\eta}L(\theta-\eta\Delta\theta)|_0 = -\Delta\theta^\top\nabla L(\theta)`
-      when it is known for free (the train step has the gradient): the parabola is then
-      fixed after the first trial, one trial earlier. It only places trials; a wrong slope
-      costs evaluations, never accuracy.
+    max_evals: cap on loss evaluations, including the reference pass when it is made here.
+    growth: factor of the paper's exponential phase; may be a traced scalar > 1.
+    method: ``"interpolate"`` or ``"bisect"``, see above.
+    bracket: ``"trials"`` (default): both ends are tried steps, the loss not above
+      :math:`L_0` at ``lower`` and above it at ``upper`` (the paper's guarantee).
+      ``"convex"``: ``lower`` may be the root of the chord between the trials around
+      :math:`\eta_c`, a lower bound on the crossing where the loss is convex between them
+      (used only when the samples and the slope are consistent with convexity); trials aim
+      just above the model's root, so one rise there often closes the bracket.
 
   Returns:
     A :class:`CriticalSharpness`.
@@ -184,106 +431,30 @@ def critical_sharpness(
     >>> import jax, jax.numpy as jnp
     >>> loss = lambda p: 0.5 * 4.0 * jnp.sum(p ** 2)          # Hessian 4 I
     >>> theta = jnp.ones(3)
-    >>> out = critical_sharpness(loss, theta, jax.grad(loss)(theta))
-    >>> bool(abs(out.sharpness - 4.0) / 4.0 < 0.033)
-    True
+    >>> g = jax.grad(loss)(theta)
+    >>> out = critical_sharpness(loss, theta, g, grad=g)
+    >>> bool(abs(out.sharpness - 4.0) / 4.0 < 0.0334), STATUS_NAMES[int(out.status)]
+    (True, 'ok')
+    >>> STATUS_NAMES[int(critical_sharpness(loss, theta, -g, grad=g).status)]
+    'not_descent'
   """
-  _check_search_args(step_guess, tol_power, max_evals, growth)
-  if method not in ("bisect", "interpolate"):
-    raise ValueError(f"`method` must be 'bisect' or 'interpolate', got {method!r}")
+  check_search_args(step_guess, tol_power, max_evals, growth, method, bracket)
   _hvp.check_loss_fn(loss_fn, params)
   _tree.check_same_structure(params, direction, "params", "direction")
   dtype = _tree.accum_dtype(params)
   tol = 2.0 ** (-tol_power)
+  l0, slope, n0 = _reference(loss_fn, params, direction, loss0, grad, dtype)
+  resolution = _resolution(loss_fn, params, l0)
 
   def trial_loss(eta):
     moved = jax.tree.map(lambda p, d: (p - eta.astype(p.dtype) * d).astype(p.dtype),
                          params, direction)
     return jnp.asarray(loss_fn(moved)).astype(dtype)
 
-  if loss0 is None:
-    l0 = jnp.asarray(loss_fn(params)).astype(dtype)
-    n0 = 1
-  else:
-    l0 = jnp.asarray(loss0).astype(dtype)
-    n0 = 0
-  eta0 = jnp.asarray(step_guess, dtype)
-  inf = jnp.asarray(jnp.inf, dtype)
-  zero = jnp.zeros((), dtype)
-  g = jnp.asarray(growth, dtype)
-
-  # The interpolating search places a trial at most this far from the model's root on either
-  # side, so that two trials around the root meet the stopping rule: 1 - (1-e)/(1+e) < 2^-k.
-  eps = jnp.asarray(0.45 * tol, dtype)
-  interpolate = method == "interpolate"
-  s0 = None if slope is None else jnp.asarray(slope, dtype)
-
-  # state: (phase, eta, lower, upper, num_evals, nonfinite,
-  #         previous trial step, its L - L0, model trials made)
-  init = (jnp.int32(_START), eta0, zero, inf, jnp.int32(n0), ~jnp.isfinite(l0),
-          zero, zero, jnp.int32(0))
-
-  def cond(s):
-    phase, _, _, _, n, bad = s[:6]
-    return (phase != _DONE) & (n < max_evals) & ~bad
-
-  def body(s):
-    phase, eta, lo, hi, n, _, e_prev, f_prev, n_model = s
-    loss = trial_loss(eta)
-    bad = jnp.isnan(loss)
-    above = loss > l0
-    below = loss < l0
-    # Where each phase goes next (``jnp.select`` over the current phase).
-    start_or_grow = (phase == _START) | (phase == _GROW)
-    # START: decide the direction of the exponential phase from the first trial.
-    # GROW:  loss not above L0 -> keep growing; above -> bracket [lo, eta], bisect.
-    # SHRINK: loss not below L0 -> keep shrinking; below -> bracket [eta, hi], bisect.
-    # BISECT: move the bracket end.
-    new_lo = jnp.where(
-        (start_or_grow & ~above) | ((phase == _SHRINK) & below) | ((phase == _BISECT) & ~above),
-        eta, lo)
-    new_hi = jnp.where(
-        ((phase == _START) & above) | ((phase == _GROW) & above)
-        | ((phase == _SHRINK) & ~below) | ((phase == _BISECT) & above),
-        eta, hi)
-    new_phase = jnp.select(
-        [phase == _START, phase == _GROW, phase == _SHRINK],
-        [jnp.where(above, _SHRINK, _GROW),
-         jnp.where(above, _BISECT, _GROW),
-         jnp.where(below, _BISECT, _SHRINK)],
-        _BISECT).astype(jnp.int32)
-    converged = (new_phase == _BISECT) & (1 - new_lo / new_hi <= tol)
-    new_phase = jnp.where(converged, _DONE, new_phase).astype(jnp.int32)
-    new_eta = jnp.select(
-        [new_phase == _GROW, new_phase == _SHRINK],
-        [eta * g, eta / g],
-        0.5 * (new_lo + new_hi))
-    f = loss - l0
-    if interpolate:
-      a2, b2 = _two_point_parabola(e_prev, f_prev, eta, f)
-      if slope is None:
-        a, b, have_model = a2, b2, phase != _START
-      else:
-        a1, b1 = _slope_parabola(s0, eta, f)
-        first = phase == _START
-        a, b, have_model = jnp.where(first, a1, a2), jnp.where(first, b1, b2), True
-      model_eta, ok = _model_trial(a, b, new_lo, new_hi, eps, tol)
-      use = ok & have_model & (new_phase != _DONE) & (n_model < _MAX_MODEL_TRIALS)
-      new_eta = jnp.where(use, model_eta, new_eta)
-      n_model = n_model + use.astype(jnp.int32)
-    return (new_phase, new_eta, new_lo, new_hi, n + 1, bad, eta, f, n_model)
-
-  phase, _, lo, hi, n, bad = jax.lax.while_loop(cond, body, init)[:6]
-  bracketed = (phase == _BISECT) | (phase == _DONE)
-  status = jnp.select(
-      [bad, phase == _DONE, bracketed, phase == _SHRINK, phase == _START],
-      [STATUS_NONFINITE, STATUS_OK, STATUS_MAX_EVALS, STATUS_NOT_DESCENT, STATUS_MAX_EVALS],
-      STATUS_NO_RISE).astype(jnp.int32)
-  nan = jnp.asarray(jnp.nan, dtype)
-  eta_c = jnp.select([bad, bracketed], [nan, 0.5 * (lo + hi)], inf)
-  sharpness = jnp.select([bad, bracketed], [nan, 2.0 / eta_c], zero)
-  return CriticalSharpness(sharpness=sharpness, step_size=eta_c, lower=lo, upper=hi,
-                           num_evals=n, loss0=l0, status=status)
+  final = _run_search(trial_loss, l0, slope, resolution, eta0=jnp.asarray(step_guess, dtype),
+                      n0=n0, tol=tol, growth=jnp.asarray(growth, dtype), max_evals=max_evals,
+                      interpolate=method == "interpolate", convex=bracket == "convex")
+  return _result(final, l0, slope, tol, resolution, bracket == "convex")
 
 
 def relative_critical_sharpness(
@@ -302,9 +473,12 @@ def relative_critical_sharpness(
   unit-LR update :math:`\Delta\theta_2` computed for task 2 (e.g. a fine-tuning mix). Kalra et
   al. 2026 (arXiv 2601.16979) use it to choose data mixtures: a step of size :math:`\eta` on
   task 2 raises :math:`L_1` when :math:`\lambda_c^{1\to2} > 2/\eta`. The search, its
-  arguments, status codes and non-finite handling are those of :func:`critical_sharpness`.
-  ``STATUS_NOT_DESCENT`` is common here: task 2's update may raise :math:`L_1` at every step
-  size (the tasks conflict), which is reported as sharpness 0 with that flag.
+  arguments, status codes and non-finite handling are those of :func:`critical_sharpness`;
+  ``grad``, if given, is :math:`\nabla L_1(\theta)`, the gradient of the *monitored* loss.
+  ``STATUS_NOT_DESCENT`` is common here: when :math:`\Delta\theta_2^\top\nabla L_1 \le 0` task
+  2's update raises :math:`L_1` at every small step (the tasks conflict), reported as
+  sharpness 0 with that flag; ``STATUS_UNRESOLVED`` when the two gradients are so nearly
+  orthogonal that the change in :math:`L_1` is below its rounding.
   """
   return critical_sharpness(loss_fn, params, direction, **kwargs)
 
@@ -314,6 +488,7 @@ def relative_sharpness_matrix(
     params: PyTree,
     directions: Sequence[PyTree],
     *,
+    grads: Sequence[PyTree] | None = None,
     loss0s: Sequence[jax.Array] | None = None,
     step_guesses: jax.Array | float = 1.0,
     **kwargs,
@@ -328,10 +503,13 @@ def relative_sharpness_matrix(
     loss_fns: N callables ``loss_fn(params) -> scalar``.
     params: :math:`\theta`.
     directions: M unit-LR descent directions, each shaped like ``params``.
+    grads: optional N gradients :math:`\nabla L_i(\theta)`; without them every entry takes
+      its slope (and :math:`L_i`) from one jvp.
     loss0s: optional N known losses :math:`L_i(\theta)`.
     step_guesses: warm starts, a scalar or an ``[N, M]`` array (e.g. the previous matrix's
       ``step_size``; non-finite entries fall back to 1).
-    **kwargs: ``tol_power``, ``max_evals``, ``growth`` as in :func:`critical_sharpness`.
+    **kwargs: ``tol_power``, ``max_evals``, ``growth``, ``method`` as in
+      :func:`critical_sharpness`.
 
   Returns:
     A :class:`CriticalSharpness` whose fields are ``[N, M]`` arrays.
@@ -340,8 +518,9 @@ def relative_sharpness_matrix(
   directions = list(directions)
   if not loss_fns or not directions:
     raise ValueError("`loss_fns` and `directions` must be non-empty sequences")
-  if loss0s is not None and len(loss0s) != len(loss_fns):
-    raise ValueError(f"`loss0s` has {len(loss0s)} entries for {len(loss_fns)} `loss_fns`")
+  for name, seq in (("loss0s", loss0s), ("grads", grads)):
+    if seq is not None and len(seq) != len(loss_fns):
+      raise ValueError(f"`{name}` has {len(seq)} entries for {len(loss_fns)} `loss_fns`")
   guesses = jnp.broadcast_to(jnp.asarray(step_guesses), (len(loss_fns), len(directions)))
   guesses = jnp.where(jnp.isfinite(guesses) & (guesses > 0), guesses, 1.0)
   rows = []
@@ -350,6 +529,6 @@ def relative_sharpness_matrix(
     for j, d in enumerate(directions):
       row.append(critical_sharpness(
           fn, params, d, loss0=None if loss0s is None else loss0s[i],
-          step_guess=guesses[i, j], **kwargs))
+          grad=None if grads is None else grads[i], step_guess=guesses[i, j], **kwargs))
     rows.append(jax.tree.map(lambda *xs: jnp.stack(xs), *row))
   return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)

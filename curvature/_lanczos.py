@@ -10,7 +10,8 @@ the projected matrix are kept in float32, or float64 when the parameters are flo
 Every step orthogonalises against the whole basis twice (CGS2) and records all the
 coefficients, so the projected matrix ``Q A Q^T`` is built densely; it is tridiagonal up to
 round-off for plain Lanczos, and arrow-plus-tridiagonal after a thick restart (Wu & Simon
-2000), with no special cases in the code.
+2000), with no special cases in the code. :func:`top_eigenpairs` runs one step per iteration
+of a ``lax.while_loop`` and stops at the first basis size whose Ritz residuals meet ``tol``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax
 from jax.experimental.shard_alike import shard_alike
 import jax.numpy as jnp
 from jax import lax
+import optax
 
 from curvature import _hvp
 from curvature import _tree
@@ -59,7 +61,8 @@ class HessianEigenvalues(NamedTuple):
       :math:`\\|A y_i - \\theta_i y_i\\| / \\max_j |\\theta_j|`. An exact eigenvalue lies
       within ``residuals[i] * max|theta|`` of ``eigenvalues[i]`` (usually much closer: about
       the square of that over the gap to the next eigenvalue).
-    num_iters: matrix-vector products spent (a traced int: restarts add to it).
+    num_iters: matrix-vector products spent (a traced int): the basis size at which the
+      residuals first met ``tol``, plus the steps of any restarts. This is the cost.
     converged: whether every residual is ``<= tol``. False means the answer is not to be
       trusted at that tolerance: raise ``num_iters`` (the basis size) or ``max_restarts``.
   """
@@ -90,13 +93,16 @@ def _orthogonalise(basis: PyTree, w: PyTree) -> tuple[PyTree, jax.Array]:
   """Classical Gram-Schmidt against every basis row, twice ("twice is enough").
 
   Unfilled rows are zero and contribute nothing. Returns the projected vector and the sum
-  of the coefficients of both passes (``Q w`` for the input ``w``, to round-off).
+  of the coefficients of both passes (``Q w`` for the input ``w``, to round-off). The pass
+  is the body of a two-trip loop: traced and compiled once, per leaf two products.
   """
-  c1 = _basis_dot(basis, w)
-  w = _tree.tree_sub(w, _basis_combine(c1, basis))
-  c2 = _basis_dot(basis, w)
-  w = _tree.tree_sub(w, _basis_combine(c2, basis))
-  return w, c1 + c2
+  def one_pass(_, carry):
+    w, total = carry
+    c = _basis_dot(basis, w)
+    return optax.tree.sub(w, _basis_combine(c, basis)), total + c
+
+  zeros = jnp.zeros(jax.tree.leaves(basis)[0].shape[:1], _tree.accum_dtype(basis))
+  return lax.fori_loop(0, 2, one_pass, (w, zeros))
 
 
 def _set_row(basis: PyTree, j, v: PyTree) -> PyTree:
@@ -131,82 +137,143 @@ def shard_like(v: PyTree, like: PyTree) -> PyTree:
   return jax.tree.map(lambda x, p: shard_alike(x, p)[0], v, like)
 
 
-def _restart_vector(like: PyTree, j) -> PyTree:
-  r"""A vector to continue from after a breakdown at step ``j``: :math:`\sin(2\pi n f_j)`.
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+  for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+    h = (h ^ (h >> shift)) * jnp.uint32(mult)
+  return h ^ (h >> 16)
 
-  ``n`` is the global index of each scalar and :math:`f_j = \mathrm{frac}((j+1)\varphi)`
-  (φ the golden ratio): equidistributed, different for every ``j``, and generic with respect
-  to any operator. Continuing only needs a vector outside the Krylov space; this one
-  compiles to a few elementwise ops, where a PRNG per leaf inside the loop body doubled the
-  compile time (6.3 s vs 2.9 s on a 6-leaf MLP, CPU).
+
+def _hash_vector(like: PyTree, seed: jax.Array) -> PyTree:
+  """A pseudo-random vector shaped like ``like``: entries in ``[-1/2, 1/2)`` hashed from
+  (``seed``, the global index of each scalar), in ``like``'s accumulation dtype.
+
+  A Lanczos start or restart vector only has to be generic with respect to the operator.
+  Integer hashing compiles to a few elementwise ops per leaf, where ``jax.random``'s
+  threefry sampler is compiled once per distinct leaf shape: on a 6-leaf MLP it was 40 %
+  of the whole compile time of :func:`top_eigenpairs` (CPU), and a PRNG per leaf inside
+  the loop body doubled it. Being elementwise in the index, it needs no communication
+  on sharded leaves.
   """
   dtype = _tree.accum_dtype(like)
-  freq = jnp.mod((jnp.asarray(j) + 1).astype(dtype) * 0.6180339887498949, 1.0)
+  s = _fmix32(jnp.asarray(seed).astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + jnp.uint32(1))
   leaves, treedef = jax.tree.flatten(like)
   out, offset = [], 0
   for x in leaves:
-    n = (jnp.arange(x.size, dtype=dtype) + (offset + 1)).reshape(x.shape)
-    out.append(jnp.sin(2 * jnp.pi * jnp.mod(n * freq, 1.0)))
+    n = lax.iota(jnp.uint32, x.size) + jnp.uint32(offset % 2**32)
+    h = _fmix32(_fmix32(n ^ s) + s)
+    out.append(((h >> 8).astype(dtype) * 2.0**-24 - 0.5).reshape(x.shape))
     offset += x.size
   return jax.tree.unflatten(treedef, out)
 
 
+def _key_seed(key: jax.Array) -> jax.Array:
+  """The words of a PRNG key (raw ``uint32[2]`` or typed) folded into one ``uint32``."""
+  words = jnp.ravel(jax.random.key_data(key)).astype(jnp.uint32)
+  seed = jnp.uint32(0)
+  for i in range(words.shape[0]):
+    seed = _fmix32(seed ^ words[i])
+  return seed
+
+
 def _normalise(v: PyTree, norm) -> PyTree:
-  return _tree.tree_scale(jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0), v)
+  return optax.tree.scale(jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0), v)
 
 
-def _expand(matvec: MatVec, basis: PyTree, proj: jax.Array, start, stop: int, salt=0):
-  """Lanczos steps ``j = start .. stop-1`` on rows that are already orthonormal up to ``start``.
-
-  Step ``j`` computes ``A q_j``, orthogonalises it against the whole basis (CGS2), writes the
-  coefficients into row and column ``j`` of the projected matrix ``proj`` and the normalised
-  remainder into row ``j + 1``. Breakdown (nothing of ``A q_j`` left beyond round-off: an
-  invariant subspace) continues from a fresh direction with coupling 0, so ``proj`` splits
-  into blocks whose eigenvalues are all eigenvalues of ``A``; this is also how repeated
-  eigenvalues get their multiplicity. NaN is never flagged as a breakdown: it propagates.
-
-  ``salt`` varies the fresh directions between calls. Returns
-  ``(basis, proj, q_stop, beta_stop)``: the last remainder direction and its norm.
-  """
-  dtype = proj.dtype
-  eps = jnp.finfo(dtype).eps
-  like = _get_row(basis, 0)
-
-  def fresh(basis, j):
-    r, _ = _orthogonalise(basis, _restart_vector(like, j + salt))
-    return _normalise(r, _tree.tree_norm(r))
-
-  def body(j, carry):
-    basis, proj, _, _ = carry
-    w = _tree.tree_cast(matvec(_get_row(basis, j)), dtype)
-    scale = _tree.tree_norm(w)
-    w, coeffs = _orthogonalise(basis, w)
-    beta = _tree.tree_norm(w)
-    broke = beta <= 10 * eps * scale
-    q_next = lax.cond(broke, fresh, lambda basis, j: _normalise(w, beta), basis, j)
-    beta = jnp.where(broke, jnp.zeros_like(beta), beta)
-    proj = proj.at[:, j].set(coeffs).at[j, :].set(coeffs)
-    proj = proj.at[j + 1, j].set(beta, mode="drop").at[j, j + 1].set(beta, mode="drop")
-    return _set_row(basis, j + 1, q_next), proj, q_next, beta
-
-  init = (basis, proj, like, jnp.zeros((), dtype))
-  return lax.fori_loop(start, stop, body, init)
+class _Krylov(NamedTuple):
+  """A Lanczos basis being built: rows ``0 .. j`` orthonormal (row ``j`` is the next to
+  expand unless ``pending``), rows past ``j`` zero, so products with the whole basis need
+  no mask. The last remainder is not kept past a full basis (it would be one more
+  parameter-sized buffer in the loop state): see ``restart`` in :func:`_lanczos_loop`."""
+  basis: PyTree           # [m, *leaf_shape] leaves
+  proj: jax.Array         # [m, m] Q A Q^T, leading j x j block filled
+  beta: jax.Array         # norm of the last remainder (0 after a breakdown)
+  j: jax.Array            # steps taken in this basis
+  matvecs: jax.Array      # matvecs in all (steps, and iterations after a breakdown)
+  pending: jax.Array      # the last step broke down: row j still needs a fresh direction
+  broke: jax.Array        # some step broke down
 
 
-def _start(v0: PyTree, m: int) -> tuple[PyTree, jax.Array]:
+def _start(v0: PyTree, m: int) -> _Krylov:
   dtype = _tree.accum_dtype(v0)
-  v0 = _tree.tree_cast(v0, dtype)
-  basis = jax.tree.map(lambda x: jnp.zeros((m,) + x.shape, dtype), v0)
-  basis = _set_row(basis, 0, _normalise(v0, _tree.tree_norm(v0)))
-  return basis, jnp.zeros((m, m), dtype)
+  v0 = optax.tree.cast(v0, dtype)
+  q = _normalise(v0, _tree.tree_norm(v0))
+  basis = _set_row(jax.tree.map(lambda x: jnp.zeros((m,) + x.shape, dtype), v0), 0, q)
+  zero, false = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+  return _Krylov(basis, jnp.zeros((m, m), dtype), jnp.zeros((), dtype), zero, zero, false,
+                 false)
 
 
-def _eigh(proj: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Eigenpairs of the projected matrix, largest first; NaN when it is not finite."""
-  theta, s = jnp.linalg.eigh(proj)
-  finite = jnp.all(jnp.isfinite(proj))
+def _advance(matvec: MatVec, kr: _Krylov) -> tuple[_Krylov, jax.Array]:
+  """One Lanczos step on row ``j``, or, after a breakdown, a fresh direction for row ``j``.
+
+  A step computes ``A q_j``, orthogonalises it against the whole basis (CGS2), writes the
+  coefficients into row and column ``j`` of ``proj`` and the normalised remainder into row
+  ``j + 1`` (dropped when ``j + 1 = m``). Breakdown (nothing of ``A q_j`` left beyond
+  round-off: an invariant subspace) sets the coupling to 0 and leaves row ``j + 1`` to the
+  next call, which orthogonalises a :func:`_hash_vector` instead (its matvec is discarded):
+  ``proj`` splits into blocks whose eigenvalues are all eigenvalues of ``A``, which is also
+  how repeated eigenvalues get their multiplicity. Both kinds share one orthogonalisation,
+  so it is compiled once. NaN is never flagged as a breakdown: it propagates.
+
+  Returns the new state and whether a step was taken (``matvecs`` counts both kinds).
+  """
+  dtype = kr.proj.dtype
+  stepped = ~kr.pending
+  # A select, not a lax.cond: the cond around the matvec made every step 25 % slower (CPU),
+  # and an iteration after a breakdown is rare enough to afford a discarded matvec.
+  # Restart seeds count down from 2^32 - 1; start vectors use hashed key words.
+  row = _get_row(kr.basis, kr.j)
+  fresh = _hash_vector(row, ~kr.matvecs.astype(jnp.uint32))
+  x = jax.tree.map(lambda f, a: jnp.where(kr.pending, f, a), fresh,
+                   optax.tree.cast(matvec(row), dtype))
+  x, coeffs = _orthogonalise(kr.basis, x)
+  beta = _tree.tree_norm(x)
+  # ||A q_j||^2 = ||coeffs||^2 + beta^2 to round-off (x = Q^T coeffs + remainder): one
+  # fewer pass over the leaves than measuring it.
+  scale = jnp.sqrt(jnp.sum(coeffs ** 2) + beta ** 2)
+  broke = stepped & (beta <= 10 * jnp.finfo(dtype).eps * scale)
+  beta = jnp.where(broke, jnp.zeros_like(beta), beta)
+  q = _normalise(x, beta)                     # zero after a breakdown: row j + 1 stays zero
+  j = kr.j
+  # Row and column j of proj become the coefficients with beta below the diagonal (nothing
+  # when j + 1 = m): one elementwise select, where scatters compiled to several kernels.
+  idx = jnp.arange(kr.proj.shape[0])
+  col = coeffs + jnp.where(idx == j + 1, beta, 0)
+  proj = jnp.where(stepped & (idx[:, None] == j), col[None, :],
+                   jnp.where(stepped & (idx[None, :] == j), col[:, None], kr.proj))
+  basis = _set_row(kr.basis, jnp.where(stepped, j + 1, j), q)
+  step = stepped.astype(j.dtype)
+  return _Krylov(basis, proj, jnp.where(stepped, beta, kr.beta), j + step, kr.matvecs + 1,
+                 broke, kr.broke | broke), stepped
+
+
+def _ritz(proj: jax.Array, beta, j) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Ritz pairs of the leading ``j x j`` block of ``proj``, largest first, and residuals.
+
+  The ``m - j`` unfilled positions get a diagonal below every eigenvalue of the block
+  (``-(1 + 2 sum|proj|)``, under minus its spectral radius) and no coupling, so their
+  eigenvalues sort last and the first ``j`` columns of ``S`` are the block's eigenvectors,
+  zero outside it. The relative residual of pair ``i`` is
+  :math:`\\max(|\\beta_j S_{j-1,i}| / \\max_{l<j} |\\theta_l|, \\epsilon)` (Parlett, *The
+  Symmetric Eigenvalue Problem*, §13.1; Wu & Simon 2000 for the arrow after a restart),
+  floored at the dtype's epsilon. All NaN when ``proj`` is not finite.
+  """
+  m = proj.shape[0]
+  filled = jnp.arange(m) < j
+  pad = -(1 + 2 * jnp.sum(jnp.abs(proj)))
+  block = jnp.where(filled[:, None] & filled[None, :], proj, 0)
+  theta, s = jnp.linalg.eigh(block + jnp.diag(jnp.where(filled, 0, pad)))
   theta, s = theta[::-1], s[:, ::-1]
-  return jnp.where(finite, theta, jnp.nan), jnp.where(finite, s, jnp.nan)
+  scale = jnp.maximum(jnp.abs(theta[0]), jnp.abs(theta[j - 1]))
+  residuals = jnp.abs(beta * s[j - 1, :]) / jnp.where(scale > 0, scale, 1.0)
+  # Below the dtype's epsilon the formula measures LAPACK deflating a tiny coupling to an
+  # exact 0, not the true residual (which round-off keeps above ~eps): floor it there, so a
+  # tolerance below eps is never reported as met.
+  residuals = jnp.maximum(residuals, jnp.finfo(proj.dtype).eps)
+  finite = jnp.all(jnp.isfinite(proj))
+  nan = lambda x: jnp.where(finite, x, jnp.nan)
+  return nan(theta), nan(s), nan(residuals)
 
 
 # ----------------------------------------------------------------------------------------
@@ -223,13 +290,14 @@ def lanczos_tridiag(matvec: MatVec, v0: PyTree, num_iters: int) -> LanczosDecomp
   ghost copies of converged eigenvalues out (Lanczos 1950; Parlett, *The Symmetric
   Eigenvalue Problem*, ch. 13). Cost: ``num_iters`` matvecs plus :math:`O(m^2 P)` flops;
   memory :math:`m \times P` in the basis dtype. This is the building block of stochastic
-  Lanczos quadrature; for eigenvalues use :func:`top_eigenpairs`, which restarts until the
-  residuals are small.
+  Lanczos quadrature, which needs a fixed length; for eigenvalues use
+  :func:`top_eigenpairs`, which stops as soon as the residuals are small.
 
   Breakdown (:math:`\beta_j \approx 0`: an invariant Krylov space, e.g. an operator of rank
   below ``num_iters``) continues from a fresh orthogonal direction with :math:`\beta_j = 0`:
   no NaN and no spurious eigenvalues. Non-finite input is not masked: a NaN from ``matvec``
-  gives NaN entries in ``T``; the trip count is fixed, so the loop always terminates.
+  gives NaN entries in ``T``; every step is taken once (a breakdown adds one iteration), so
+  the loop always terminates.
 
   Args:
     matvec: ``v -> A v`` on pytrees shaped like ``v0``; it receives vectors in the basis
@@ -240,10 +308,10 @@ def lanczos_tridiag(matvec: MatVec, v0: PyTree, num_iters: int) -> LanczosDecomp
   Returns:
     A :class:`LanczosDecomposition` ``(basis, alphas, betas)``.
   """
-  basis, proj = _start(v0, num_iters)
-  basis, proj, _, beta = _expand(matvec, basis, proj, 0, num_iters)
-  betas = jnp.concatenate([jnp.diagonal(proj, 1), beta[None]])
-  return LanczosDecomposition(basis, jnp.diagonal(proj), betas)
+  kr = _start(v0, num_iters)
+  kr = lax.while_loop(lambda kr: kr.j < num_iters, lambda kr: _advance(matvec, kr)[0], kr)
+  betas = jnp.concatenate([jnp.diagonal(kr.proj, 1), kr.beta[None]])
+  return LanczosDecomposition(kr.basis, jnp.diagonal(kr.proj), betas)
 
 
 def tridiag_eigh(alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -260,20 +328,22 @@ def tridiag_eigh(alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Ar
 
 
 def default_num_iters(k: int, dim: int) -> int:
-  """Default Krylov basis size: ``min(dim, max(40, 5 k + 30))``.
+  """Default cap on the Krylov basis size: ``min(dim, max(40, 5 k + 30))``.
 
-  Measured in float64 against ``eigh`` of the dense Hessian of tanh MLPs, as the largest
-  relative error over the top k after m unrestarted steps:
+  Lanczos stops earlier, at the first checked basis size whose top-``k`` residuals meet
+  ``tol``; the cap is what one cycle may use before a thick restart. Measured in float64
+  against ``eigh`` of the dense Hessian of tanh MLPs, as the largest relative error over
+  the top k after m unrestarted steps:
 
   - 2,285 params: k=1: m=20 2e-7, m=30 4e-15. k=5: m=20 4e-2, m=30 8e-4, m=40 6e-11.
   - 5,530 params: k=1: m=20 6e-9, m=30 6e-16. k=5: m=20 7e-2, m=30 3e-3, m=40 1e-7,
     m=50 3e-11. k=10: m=60 2e-3, m=70 1e-6. k=20: m=90 8e-3, m=110 1e-5.
 
-  (REFERENCES.md §2, a 6,154-parameter MLP: top-5 1% off after 25 steps, 1e-14 after 40.)
-  So k = 1 gets 40 (twice what it needs), k = 5 gets 55, k = 10 gets 80, k = 20 gets 130,
-  and typical Hessians converge without a restart. A clustered top of the spectrum (gaps of
-  1e-4 relative) does not: no fixed length is enough there, which is why
-  :func:`top_eigenpairs` restarts until the residuals pass ``tol``.
+  So the cap (40 for k = 1, 55 for k = 5, 80 for k = 10, 130 for k = 20) leaves room for
+  typical Hessians to converge without a restart, while the residual test stopped the
+  benchmark's runs (a 6,154-parameter MLP, top-1 and top-5) after 16-28 steps
+  (``benchmarks/lanczos_bench.py``). A clustered top of the spectrum (gaps of
+  1e-4 relative) needs restarts: no fixed length is enough there.
   """
   return min(dim, max(40, 5 * k + 30))
 
@@ -294,7 +364,7 @@ def _is_int(x) -> bool:
 
 
 def check_lanczos_args(dim: int, k: int, num_iters: Optional[int],
-                       max_restarts: int = 0) -> int:
+                       max_restarts: int = 0, check_every: int = 1) -> int:
   """Static checks shared by the Lanczos probes; returns the (clipped) basis size."""
   if not _is_int(k) or k < 1:
     raise ValueError(f"`k` must be an int >= 1, got {k!r}")
@@ -302,6 +372,8 @@ def check_lanczos_args(dim: int, k: int, num_iters: Optional[int],
     raise ValueError(f"`k`={k} exceeds the dimension of the parameters ({dim} scalars)")
   if not _is_int(max_restarts) or max_restarts < 0:
     raise ValueError(f"`max_restarts` must be an int >= 0, got {max_restarts!r}")
+  if not _is_int(check_every) or check_every < 1:
+    raise ValueError(f"`check_every` must be an int >= 1, got {check_every!r}")
   if num_iters is None:
     return default_num_iters(int(k), dim)
   if not _is_int(num_iters) or num_iters <= 0:
@@ -313,88 +385,150 @@ def check_lanczos_args(dim: int, k: int, num_iters: Optional[int],
   return num_iters
 
 
+# Residuals are checked every this many steps. A check is an m x m ``eigh``: 0.3-0.4 ms at
+# m = 40-55 on one CPU core, a tenth of an HVP of the 6,154-parameter MLP of
+# benchmarks/lanczos_bench.py and far less on larger models; checking every 2nd step costs
+# ~5 % there and stops on average half a step after the first converged basis size.
+DEFAULT_CHECK_EVERY = 2
+
+
+class _State(NamedTuple):
+  """The carry of :func:`top_eigenpairs`' loop; the Ritz fields are valid when ``checked``."""
+  kr: _Krylov
+  restarts: jax.Array
+  theta: jax.Array        # [m] Ritz values, largest first
+  s: jax.Array            # [m, m] their eigenvectors in the basis
+  residuals: jax.Array    # [m] relative residuals
+  checked: jax.Array      # theta, s, residuals belong to the current proj
+  first_check: jax.Array  # smallest j whose remainder couples to row j - 1 only
+
+
+def _lanczos_loop(matvec: MatVec, v0: PyTree, *, k: int, m: int, tol: float,
+                  max_restarts: int, check_every: int) -> _State:
+  """Lanczos from ``v0``, one step per iteration, until the top-``k`` residuals meet ``tol``.
+
+  Residuals are checked (:func:`_ritz`) after every ``check_every``-th step once there are
+  ``k`` Ritz values, and when the basis is full. The loop stops at the first check where
+  every top-``k`` residual is ``<= tol``; after a breakdown only at a full basis, since an
+  invariant Krylov space holds one copy of a repeated eigenvalue and its Ritz values have
+  residual 0 whether or not they are the top ones. A full basis that fails the test is
+  thick-restarted (Wu & Simon 2000): the ``p = min((m + k) // 2, m - 1)`` leading Ritz
+  vectors are kept and the iteration continues, at most ``max_restarts`` times. Thick restart
+  needs the last remainder ``q_m`` as row ``p``; instead of carrying it through the loop, the
+  kept Ritz vector with the largest coupling :math:`|\beta_m s_{m-1,i}|` goes to row
+  ``p - 1`` and is expanded again: :math:`A y_i - \theta_i y_i = \beta_m s_{m-1,i} q_m`, so
+  its remainder is ``q_m`` (one extra matvec per restart, counted in ``num_iters``). Until
+  the step on row ``p`` has computed the couplings of every kept vector to ``q_m`` (the arrow),
+  the residual formula does not hold, so the first check after a restart is at ``j > p``.
+  A non-finite Ritz value ends the loop. On exit ``checked`` holds the verdict: every
+  top-``k`` residual ``<= tol``.
+  """
+  p = max(1, min((m + k) // 2, m - 1))
+  kr = _start(v0, m)
+  dtype = kr.proj.dtype
+
+  def accepted(st):
+    ok = jnp.all(st.residuals[:k] <= tol) & (st.kr.j >= k)
+    return ok & (~st.kr.broke | (st.kr.j == m))
+
+  def stop_steps(st):
+    finite = jnp.all(jnp.isfinite(st.theta[:k]))
+    return st.checked & (accepted(st) | ~finite | (st.kr.j == m))
+
+  def stop_cycles(st):
+    finite = jnp.all(jnp.isfinite(st.theta[:k]))
+    return accepted(st) | ~finite | (st.restarts >= max_restarts)
+
+  def restart(st):
+    # Kept Ritz vectors, the one most coupled to q_m last (it is expanded again).
+    last = jnp.argmax(jnp.abs(st.s[m - 1, :p]))
+    order = jnp.arange(p).at[last].set(p - 1).at[p - 1].set(last)
+    coeffs = jnp.zeros((m, m), dtype).at[:p].set(st.s[:, order].T)
+    proj = jnp.zeros((m, m), dtype).at[jnp.arange(p), jnp.arange(p)].set(st.theta[order])
+    kr = st.kr._replace(basis=_basis_combine(coeffs, st.kr.basis), proj=proj,
+                        j=jnp.asarray(p - 1, st.kr.j.dtype), pending=jnp.asarray(False))
+    return st._replace(kr=kr, restarts=st.restarts + 1, checked=jnp.asarray(False),
+                       first_check=jnp.asarray(min(p + 1, m), jnp.int32))
+
+  def step(st):
+    # The only call of ``matvec``: traced and compiled once.
+    kr, stepped = _advance(matvec, st.kr)
+    due = (stepped & (kr.j >= k) & (kr.j >= st.first_check)
+           & ((kr.j % check_every == 0) | (kr.j == m)))
+    # The cond sees the m x m matrices only: a cond copies the operands it passes through.
+    theta, s, residuals = lax.cond(
+        due, lambda *_: _ritz(kr.proj, kr.beta, kr.j),
+        lambda theta, s, residuals: (theta, s, residuals), st.theta, st.s, st.residuals)
+    return st._replace(kr=kr, theta=theta, s=s, residuals=residuals, checked=due)
+
+  def cycle(st):
+    # Steps until a check passes or the basis is full; every cycle after the first starts
+    # with a restart (the cond runs once per cycle, so its copy of the basis is rare).
+    st = lax.cond(st.kr.j == m, restart, lambda st: st, st)
+    return lax.while_loop(lambda st: ~stop_steps(st), step, st)
+
+  nan = jnp.full((m,), jnp.nan, dtype)
+  zero = jnp.zeros((), jnp.int32)
+  state = _State(kr, zero, nan, jnp.zeros((m, m), dtype), nan, jnp.asarray(False), zero)
+  state = lax.while_loop(lambda st: ~st.checked | ~stop_cycles(st), cycle, state)
+  return state._replace(checked=accepted(state))
+
+
 def top_eigenpairs(matvec: MatVec, like: PyTree, *, k: int = 1, num_iters: Optional[int] = None,
                    key: Optional[jax.Array] = None, return_eigenvectors: bool = False,
-                   tol: Optional[float] = None, max_restarts: int = 20) -> HessianEigenvalues:
-  r"""Largest-``k`` (algebraic) eigenpairs of a symmetric operator by thick-restart Lanczos.
+                   tol: Optional[float] = None, max_restarts: int = 20,
+                   check_every: int = DEFAULT_CHECK_EVERY) -> HessianEigenvalues:
+  r"""Largest-``k`` (algebraic) eigenpairs of a symmetric operator by Lanczos, stopped on residuals.
 
   Generic entry for the curvature probes (Hessian, preconditioned Hessian, covariance).
-  A first cycle runs ``m = num_iters`` Lanczos steps with full reorthogonalisation from a
-  Gaussian start vector. While some of the top-``k`` relative residuals exceed ``tol``, a
-  thick restart (Wu & Simon, SIAM J. Matrix Anal. Appl. 22, 2000) keeps the
-  ``p = min((m + k) // 2, m - 1)`` leading Ritz vectors and the residual direction and runs
-  ``m - p`` more steps to refill the basis, at most ``max_restarts`` times. Memory stays
-  ``m x P`` (twice that for the moment of a restart). Everything is inside
-  ``lax.while_loop``, so it jits.
+  Lanczos with full reorthogonalisation runs from a pseudo-random start vector (hashed from
+  ``key``) and stops at the first basis size ``j`` (checked every ``check_every`` steps) at
+  which every top-``k`` relative Ritz residual :math:`|\beta_j s_{j-1,i}| / \max|\theta|`
+  is ``<= tol``. If the basis reaches ``m = num_iters`` first, a thick restart (Wu & Simon,
+  SIAM J. Matrix Anal. Appl. 22, 2000) keeps the ``p = min((m + k) // 2, m - 1)`` leading
+  Ritz vectors and continues, at most ``max_restarts`` times (:func:`_lanczos_loop`). Memory
+  stays ``m x P`` (twice that for the moment of a restart). Everything is inside
+  ``lax.while_loop``, so it jits and the operator is compiled once.
 
   ``matvec`` receives vectors in the basis dtype (float32 or wider, ``_tree.accum_dtype``
   of ``like``); cast them with :func:`cast_like` before a narrower computation such as a
-  bf16 HVP. A NaN from ``matvec`` ends the loop at once with NaN eigenvalues.
+  bf16 HVP. A NaN from ``matvec`` ends the loop at the next check with NaN eigenvalues.
 
   Args:
     matvec: ``v -> A v`` for a symmetric ``A`` on pytrees shaped like ``like``.
     like: a pytree giving the structure, shapes and dtype of the space (e.g. ``params``).
     k: number of eigenpairs, ``1 <= k <= dim``.
-    num_iters: Krylov basis size ``m >= k``; ``None`` -> :func:`default_num_iters`;
-      clipped to ``dim``.
+    num_iters: largest Krylov basis ``m >= k`` (steps per cycle); ``None`` ->
+      :func:`default_num_iters`; clipped to ``dim``.
     key: PRNG key for the start vector; ``None`` means ``jax.random.PRNGKey(0)``.
     return_eigenvectors: also return the Ritz vectors (a ``[k, m] x [m, P]`` product).
     tol: relative residual target; ``None`` -> :func:`default_tol` of the basis dtype.
-    max_restarts: cap on restarts (``0``: plain Lanczos of ``num_iters`` steps).
+    max_restarts: cap on restarts (``0``: at most ``num_iters`` steps).
+    check_every: steps between residual checks (each an ``m x m`` ``eigh``); the basis is
+      also checked when full.
 
   Returns:
-    :class:`HessianEigenvalues`.
+    :class:`HessianEigenvalues`; ``num_iters`` counts the matvecs spent.
   """
-  dim = _tree.tree_size(like)
-  m = check_lanczos_args(dim, k, num_iters, max_restarts)
-  p = min((m + k) // 2, m - 1)
+  dim = optax.tree.size(like)
+  m = check_lanczos_args(dim, k, num_iters, max_restarts, check_every)
   key = jax.random.PRNGKey(0) if key is None else key
   dtype = _tree.accum_dtype(like)
   tol = default_tol(dtype) if tol is None else tol
-
-  def rayleigh_ritz(proj, beta):
-    theta, s = _eigh(proj)
-    scale = jnp.max(jnp.abs(theta))
-    residuals = jnp.abs(beta * s[-1, :]) / jnp.where(scale > 0, scale, 1.0)
-    return theta, s, residuals
-
-  def keep_going(state):
-    _, _, _, _, theta, _, residuals, cycles = state
-    done = jnp.all(residuals[:k] <= tol) | ~jnp.all(jnp.isfinite(theta))
-    return (cycles == 0) | (~done & (cycles <= max_restarts))
-
-  def compress(basis, q, theta, s):
-    coeffs = jnp.zeros((m, m), dtype).at[:p].set(s[:, :p].T)
-    basis = _set_row(_basis_combine(coeffs, basis), p, q)
-    proj = jnp.zeros((m, m), dtype).at[jnp.arange(p), jnp.arange(p)].set(theta[:p])
-    return basis, proj
-
-  def cycle(state):
-    # The first cycle starts from v0; later ones are thick restarts. One loop body, so
-    # the matvec is traced and compiled once.
-    basis, proj, q, _, theta, s, _, cycles = state
-    basis, proj = lax.cond(cycles > 0, compress, lambda b, *_: (b, proj), basis, q, theta, s)
-    start = jnp.where(cycles > 0, p, 0)
-    basis, proj, q, beta = _expand(matvec, basis, proj, start, m, salt=cycles * m)
-    return (basis, proj, q, beta) + rayleigh_ritz(proj, beta) + (cycles + 1,)
-
   # Tied to ``like``'s sharding: the basis rows, written from v0 onwards, inherit it.
-  v0 = shard_like(_tree.tree_random_like(key, _tree.tree_cast(like, dtype), "normal"), like)
-  basis, proj = _start(v0, m)
-  nan = jnp.full((m,), jnp.nan, dtype)
-  state = (basis, proj, _get_row(basis, 0), jnp.zeros((), dtype), nan, jnp.zeros((m, m), dtype),
-           nan, jnp.zeros((), jnp.int32))
-  state = lax.while_loop(keep_going, cycle, state)
-  basis, _, _, _, theta, s, residuals, cycles = state
-  vectors = _basis_combine(s[:, :k].T, basis) if return_eigenvectors else None
-  return HessianEigenvalues(theta[:k], vectors, residuals[:k], m + (cycles - 1) * (m - p),
-                            jnp.all(residuals[:k] <= tol))
+  v0 = shard_like(_hash_vector(like, _key_seed(key)), like)
+  st = _lanczos_loop(matvec, v0, k=k, m=m, tol=tol, max_restarts=max_restarts,
+                     check_every=check_every)
+  vectors = _basis_combine(st.s[:, :k].T, st.kr.basis) if return_eigenvectors else None
+  return HessianEigenvalues(st.theta[:k], vectors, st.residuals[:k], st.kr.matvecs,
+                            st.checked)
 
 
 def hessian_eigenvalues(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, *, k: int = 1,
                         num_iters: Optional[int] = None, key: Optional[jax.Array] = None,
                         return_eigenvectors: bool = False, tol: Optional[float] = None,
-                        max_restarts: int = 20) -> HessianEigenvalues:
+                        max_restarts: int = 20,
+                        check_every: int = DEFAULT_CHECK_EVERY) -> HessianEigenvalues:
   r"""Top-``k`` eigenvalues of the Hessian :math:`H = \nabla^2 L(\theta)` by Lanczos.
 
   Runs Lanczos with full reorthogonalisation on the Hessian-vector product
@@ -403,20 +537,23 @@ def hessian_eigenvalues(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, 
   curvature is reported as negative numbers; the most negative eigenvalue is not sought).
   The top Ritz value converges from below.
 
-  The defaults are chosen to be right, not cheap. The basis holds
-  ``num_iters = min(dim, max(40, 5k + 30))`` vectors (40 for k = 1, 55 for k = 5), which
-  is enough without any restart on the MLP Hessians measured in :func:`default_num_iters`;
-  when the top of the spectrum is clustered, thick restarts continue until every top-``k``
-  relative residual is below ``tol`` (1e-6 in float64, 1e-4 in float32), at most
-  ``max_restarts = 20`` times. The tests check top-5 to 1e-5 relative (float64) with the
-  defaults on an MLP, an attention model and a spectrum with relative gaps of 1e-4, and
-  top-1 to 1e-4 in float32. ``converged`` says whether the tolerance was met; check it.
+  It stops at the first basis size whose top-``k`` relative Ritz residuals are all below
+  ``tol`` (1e-6 in float64, 1e-4 in float32), checked every ``check_every = 2`` steps, so
+  it spends as many HVPs as the spectrum needs (``result.num_iters``; 16-28 for top-1 and
+  top-5 on the MLP Hessians of ``benchmarks/lanczos_bench.py``). The basis holds at most
+  ``num_iters = min(dim, max(40, 5k + 30))`` vectors (40 for k = 1, 55 for k = 5); when the
+  top of the spectrum is clustered and that is not enough, thick restarts continue until the
+  residuals pass, at most ``max_restarts = 20`` times. The tests check top-5 to 1e-5
+  relative (float64) with the defaults on an MLP, an attention model and a spectrum with
+  relative gaps of 1e-4, and top-1 to 1e-4 in float32. ``converged`` says whether the
+  tolerance was met; check it.
 
-  Cost: ``num_iters`` HVPs (``result.num_iters`` counts restarts too) plus
-  :math:`O(m^2 P)` flops of reorthogonalisation; memory ``m x P`` in float32 or wider.
-  The function is jit-compatible (``k``, ``num_iters``, ``return_eigenvectors``, ``tol``
-  and ``max_restarts`` are static); pass ``params`` and the batch as arguments of the
-  jitted function, not as closed-over constants. Bad arguments raise at trace time.
+  Cost: ``result.num_iters`` HVPs plus :math:`O(m^2 P)` flops of reorthogonalisation per
+  step and an ``m x m`` ``eigh`` per check; memory ``m x P`` in float32 or wider.
+  The function is jit-compatible (``k``, ``num_iters``, ``return_eigenvectors``, ``tol``,
+  ``max_restarts`` and ``check_every`` are static); pass ``params`` and the batch as
+  arguments of the jitted function, not as closed-over constants. Bad arguments raise at
+  trace time.
 
   Non-finite input: a NaN or inf in the loss, the parameters or an HVP gives NaN
   eigenvalues and residuals and ``converged=False``; the loop stops, it never hangs.
@@ -426,12 +563,13 @@ def hessian_eigenvalues(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, 
     params: the point :math:`\theta`, any pytree of float arrays (float64 params give a
       float64 Krylov basis; anything narrower gives float32).
     k: number of eigenvalues, ``1 <= k <= dim``.
-    num_iters: Krylov basis size (steps per cycle), ``>= k``, clipped to ``dim``; ``None``
-      as above. With ``max_restarts=0`` this is plain Lanczos of ``num_iters`` steps.
+    num_iters: largest Krylov basis (steps per cycle), ``>= k``, clipped to ``dim``;
+      ``None`` as above. With ``max_restarts=0`` this is at most ``num_iters`` steps.
     key: PRNG key for the start vector; ``None`` means ``jax.random.PRNGKey(0)``.
     return_eigenvectors: also return unit Ritz vectors as a pytree with leading axis ``k``.
     tol: relative residual target, see :class:`HessianEigenvalues`; ``None`` as above.
     max_restarts: cap on thick restarts.
+    check_every: steps between residual checks (``1``: after every step).
 
   Returns:
     :class:`HessianEigenvalues` ``(eigenvalues [k] descending, eigenvectors, residuals [k],
@@ -452,4 +590,4 @@ def hessian_eigenvalues(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, 
   matvec = lambda v: _hvp.hvp(loss_fn, params, cast_like(v, params))
   return top_eigenpairs(matvec, params, k=k, num_iters=num_iters, key=key,
                         return_eigenvectors=return_eigenvectors, tol=tol,
-                        max_restarts=max_restarts)
+                        max_restarts=max_restarts, check_every=check_every)

@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from curvature import _lanczos
 from curvature import _tree
@@ -75,7 +76,7 @@ def gradient_noise_top_eigenvalue(per_example_loss_fn: Callable[[PyTree, Any], j
     gv = jax.jvp(losses_fn, (params,), (_lanczos.cast_like(v, params),))[1]
     gv = gv.astype(jnp.promote_types(gv.dtype, dtype))
     u = (gv - jnp.mean(gv)) / n
-    return _tree.tree_cast(vjp_fn(u.astype(out.dtype))[0], dtype)
+    return optax.tree.cast(vjp_fn(u.astype(out.dtype))[0], dtype)
 
   return _lanczos.top_eigenpairs(matvec, params, k=k, num_iters=num_iters, key=key,
                                  return_eigenvectors=return_eigenvectors, tol=tol,

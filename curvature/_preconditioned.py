@@ -132,7 +132,7 @@ def preconditioned_sharpness(loss_fn: Callable[[PyTree], jax.Array], params: PyT
   def matvec(v):
     # P^{-1/2} is applied in the basis dtype, before the cast to the params' dtype.
     w = jax.tree.map(lambda x, s: x * s, v, inv_sqrt)
-    hw = _tree.tree_cast(_hvp.hvp(loss_fn, params, _lanczos.cast_like(w, params)), dtype)
+    hw = optax.tree.cast(_hvp.hvp(loss_fn, params, _lanczos.cast_like(w, params)), dtype)
     return jax.tree.map(lambda x, s: x * s, hw, inv_sqrt)
 
   return _lanczos.top_eigenpairs(matvec, params, k=k, num_iters=num_iters, key=key,

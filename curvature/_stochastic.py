@@ -9,6 +9,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+import optax
 
 from curvature import _hvp
 from curvature import _lanczos
@@ -173,7 +174,7 @@ def spectral_density(loss_fn: LossFn, params: PyTree, *, num_probes: int = 10,
   """
   _hvp.check_loss_fn(loss_fn, params)
   n = _check_count(num_probes, "num_probes")
-  dim = _tree.tree_size(params)
+  dim = optax.tree.size(params)
   if num_iters is None:
     num_iters = min(dim, 80)
   num_iters = min(_check_count(num_iters, "num_iters"), dim)
@@ -188,10 +189,10 @@ def spectral_density(loss_fn: LossFn, params: PyTree, *, num_probes: int = 10,
   dtype = _tree.accum_dtype(params)
 
   def matvec(v):
-    return _tree.tree_cast(_hvp.hvp(loss_fn, params, _lanczos.cast_like(v, params)), dtype)
+    return optax.tree.cast(_hvp.hvp(loss_fn, params, _lanczos.cast_like(v, params)), dtype)
 
   def probe(k):
-    z = _tree.tree_random_like(k, _tree.tree_cast(params, dtype), "rademacher")
+    z = _tree.tree_random_like(k, optax.tree.cast(params, dtype), "rademacher")
     # Laid out like params, so the Krylov basis built from it is too (see shard_like).
     return lanczos_quadrature(matvec, _lanczos.shard_like(z, params), num_iters)
 

@@ -1,9 +1,12 @@
-"""Pytree arithmetic shared by the curvature probes.
+"""Pytree helpers of the curvature probes that ``optax.tree`` does not have.
 
-Everything works leaf by leaf with ``jnp`` ops, so the probes run unchanged on sharded
-parameters (no ``ravel_pytree``, which would concatenate and gather). Inner products are
-accumulated in at least float32, whatever the leaf dtype: a bf16 dot product loses the
-digits the curvature estimates live on.
+Elementwise arithmetic (``sub``, ``scale``, ``cast``, ``size``, ``where``, ...) comes from
+``optax.tree``. What is here: inner products and norms accumulated in at least float32
+whatever the leaf dtype (``optax.tree.vdot`` accumulates in the leaves' dtype, and a bf16 dot
+product loses the digits the curvature estimates live on), random pytrees drawn one group of
+same-shaped leaves at a time, and argument checks with messages that name the argument.
+Everything works leaf by leaf, so the probes run unchanged on sharded parameters (no
+``ravel_pytree``, which would concatenate and gather).
 """
 
 from __future__ import annotations
@@ -37,38 +40,6 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
 def tree_norm(a: PyTree) -> jax.Array:
   """Euclidean norm of a pytree viewed as one vector."""
   return jnp.sqrt(tree_vdot(a, a))
-
-
-def tree_scale(alpha, a: PyTree) -> PyTree:
-  """``alpha * a`` leaf by leaf, keeping each leaf's dtype."""
-  return jax.tree.map(lambda x: (alpha * x).astype(x.dtype), a)
-
-
-def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
-  """``alpha * x + y`` leaf by leaf, keeping the dtype of ``y``."""
-  return jax.tree.map(lambda xi, yi: (alpha * xi + yi).astype(yi.dtype), x, y)
-
-
-def tree_sub(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree.map(lambda x, y: x - y, a, b)
-
-
-def tree_add(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree.map(lambda x, y: x + y, a, b)
-
-
-def tree_cast(a: PyTree, dtype) -> PyTree:
-  return jax.tree.map(lambda x: x.astype(dtype), a)
-
-
-def tree_size(a: PyTree) -> int:
-  """Number of scalars in a pytree (a Python int, known at trace time)."""
-  return int(sum(jnp.size(x) for x in jax.tree.leaves(a)))
-
-
-def tree_all_finite(a: PyTree) -> jax.Array:
-  leaves = jax.tree.leaves(a)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def tree_random_like(key: jax.Array, like: PyTree, kind: str = "normal") -> PyTree:

@@ -2,7 +2,7 @@
 
 Every loss compares a student distribution :math:`S = \\mathrm{softmax}(z_s/T)` and a teacher
 distribution :math:`P = \\mathrm{softmax}(z_t/T)` at each position of ``[..., V]`` logits and
-reduces over positions (see *Reductions*). Conventions follow REFERENCES.md §3:
+reduces over positions (see *Reductions*). Conventions:
 
 * forward KL :math:`\\mathrm{KL}(P\\|S)` (Hinton et al. 2015), reverse KL :math:`\\mathrm{KL}(S\\|P)`;
 * generalised JSD(β) in the TRL / Liger convention, β = 0 and β = 1 special-cased;
@@ -406,7 +406,7 @@ def soft_target_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None
 
 
 @_doc
-def hinton_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temperature=1.0,
+def hinton_loss(student_logits, teacher_logits, *, labels, alpha=0.5, temperature=1.0,
                 mask=None, weights=None, reduction="mean") -> jax.Array:
   r"""Hinton's mix of hard-label cross-entropy and the soft-target loss.
 
@@ -426,7 +426,7 @@ def hinton_loss(student_logits, teacher_logits, labels, *, alpha=0.5, temperatur
   Example (student = teacher, so the KL term is 0; uniform over V = 4, so CE = log 4):
     >>> import jax.numpy as jnp
     >>> logits, labels = jnp.zeros((1, 2, 4)), jnp.array([[0, 3]])
-    >>> loss = hinton_loss(logits, logits, labels, alpha=0.5, temperature=2.0)
+    >>> loss = hinton_loss(logits, logits, labels=labels, alpha=0.5, temperature=2.0)
     >>> round(float(loss), 4)                                  # ½ log 4 = log 2
     0.6931
   """

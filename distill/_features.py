@@ -8,7 +8,8 @@ pre-activation and the block output — without touching the model code (``nnx.c
 * direction (attention output, normalised input): cosine distance plus an angular penalty,
   :func:`cosine_angular_loss`;
 * distribution (FFN pre-activation): MMD with a mixture-of-Gaussians kernel whose bandwidths
-  are parameters, :func:`mmd` / :class:`MMDKernel`;
+  follow the median heuristic of each batch, :func:`mmd` / :class:`MMDKernel` (learned
+  bandwidths are an option, to be trained by ascent);
 * function (block output): L1 reconstruction of the teacher's feature through a small learned
   head, :func:`reconstruction_l1` / :class:`ReconstructionHead`.
 
@@ -56,6 +57,7 @@ GPT_SLICE_PATHS: dict[str, tuple[str, ...]] = {
 the submodule whose ``__call__`` output is the slice (``()`` is the block itself)."""
 
 LOSS_KINDS = ("cosine", "mmd", "l1")
+MMD_BANDWIDTHS = ("median", "learned")
 DEFAULT_SLICE_LOSSES = {"attn_out": "cosine", "norm_out": "cosine", "pre_act": "mmd",
                         "block_out": "l1"}
 """Seed 001's measure for each slice."""
@@ -94,6 +96,19 @@ def _position_weights(mask, lead_shape, dtype, name: str = "mask") -> jax.Array:
 
 def _weighted_mean(values, weights):
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), jnp.finfo(values.dtype).tiny)
+
+
+def _apply_mask(mask, weights, dtype, *features):
+  """Per-position weights :math:`w_i m_i` and the ``[..., D]`` features with masked positions
+  zeroed, so that those add nothing to the value or to any gradient, NaN included (the
+  convention of the token losses: ``mask`` drops a position, ``weights`` weigh the others)."""
+  lead = features[0].shape[:-1]
+  w = _position_weights(weights, lead, dtype, "weights")
+  if mask is None:
+    return w, features
+  keep = _position_weights(mask, lead, dtype) > 0
+  return (jnp.where(keep, w, 0.0),
+          tuple(jnp.where(keep[..., None], f, jnp.zeros((), f.dtype)) for f in features))
 
 
 def _safe_norm(x, axis=-1):
@@ -205,7 +220,8 @@ def attention_from_qkv(qkv: jax.Array, num_heads: int, *, causal: bool = True) -
 
 
 def cosine_angular_loss(student: jax.Array, teacher: jax.Array, *, angular_weight: float = 1.0,
-                        margin: float = 0.0, mask: jax.Array | None = None) -> jax.Array:
+                        margin: float = 0.0, mask: jax.Array | None = None,
+                        weights: jax.Array | None = None) -> jax.Array:
   r"""Cosine distance plus an angular penalty, averaged over positions.
 
   .. math::
@@ -222,15 +238,18 @@ def cosine_angular_loss(student: jax.Array, teacher: jax.Array, *, angular_weigh
 
   Reference: cosine hint losses, e.g. DistilBERT (Sanh et al. 2019) cosine embedding loss.
 
-  NaN behaviour: NaN in an input gives a NaN loss. A zero vector has no direction: its
-  :math:`\hat x` is 0, so cos θ = 0 and θ = π/2 for that position (finite loss and gradient).
+  NaN behaviour: NaN in an input at an unmasked position gives a NaN loss; at a masked
+  position, nothing. A zero vector has no direction: its :math:`\hat x` is 0, so cos θ = 0 and
+  θ = π/2 for that position (finite loss and gradient).
 
   Args:
     student, teacher: ``[..., D]`` features of the same shape (project widths first).
     angular_weight: λ ≥ 0.
     margin: θ₀ in radians, 0 ≤ θ₀ < π; angles below it are not penalised.
-    mask: optional weights over positions, broadcastable to ``student.shape[:-1]``
-      (0 drops a position, e.g. padding).
+    mask: optional padding mask over positions (True / 1 = counts), broadcastable to
+      ``student.shape[:-1]``; masked positions contribute nothing, even when NaN.
+    weights: optional float per-position weights :math:`w_i` (default 1), broadcastable the
+      same way.
 
   Returns:
     Scalar loss in [0, 2 + λπ²], float32 (or wider).
@@ -244,13 +263,13 @@ def cosine_angular_loss(student: jax.Array, teacher: jax.Array, *, angular_weigh
   if isinstance(margin, (int, float)) and not 0 <= margin < math.pi:
     raise ValueError(f"`margin` must be in [0, pi), got {margin!r}")
   dtype = compute_dtype(student, teacher)
-  s, t = student.astype(dtype), teacher.astype(dtype)
+  w, (s, t) = _apply_mask(mask, weights, dtype, student.astype(dtype), teacher.astype(dtype))
   s_hat = s / jnp.maximum(_safe_norm(s), jnp.finfo(dtype).tiny)[..., None]
   t_hat = t / jnp.maximum(_safe_norm(t), jnp.finfo(dtype).tiny)[..., None]
   cos = jnp.sum(s_hat * t_hat, axis=-1)
   theta = 2.0 * jnp.arctan2(_safe_norm(s_hat - t_hat), _safe_norm(s_hat + t_hat))
   per_pos = (1.0 - cos) + angular_weight * jnp.square(jnp.maximum(theta - margin, 0.0))
-  return _weighted_mean(per_pos, _position_weights(mask, per_pos.shape, dtype))
+  return _weighted_mean(per_pos, w)
 
 
 def _sq_dists(a, b):
@@ -275,12 +294,12 @@ def mmd(x: jax.Array, y: jax.Array, log_bandwidths: jax.Array, *,
   samples. ``unbiased=True`` drops the diagonal terms of the two within-sample sums
   (normalising by Σ_{i≠i'} α_iα_{i'}), the U-statistic, which is unbiased but can be negative.
 
-  The bandwidths enter as log-bandwidths β so that they can be trained without a positivity
-  constraint (:class:`MMDKernel` holds them as an ``nnx.Param``). Note the direction: MMD → 0
-  as every σ → 0 or ∞, so *minimising* it over β collapses the kernel. Train β by ascent
-  (negate their gradient, e.g. ``optax.scale(-1)`` on the kernel's parameters in an
-  ``optax.multi_transform``), as learned-kernel MMD does (Li et al. 2017, MMD-GAN), or keep
-  them fixed at :func:`median_log_bandwidths`.
+  The bandwidths enter as log-bandwidths β. Note the direction: MMD → 0 as every σ → 0 or ∞,
+  so *minimising* it over β collapses the kernel instead of matching the distributions. Either
+  take β from the data, :func:`median_log_bandwidths` (Gretton et al. 2012; what
+  :class:`MMDKernel` does by default), or train β by ascent (negate their gradient, e.g.
+  ``optax.scale(-1)`` on the kernel's parameters in an ``optax.multi_transform``), as
+  learned-kernel MMD does (Li et al. 2017, MMD-GAN, arXiv:1705.08584).
 
   Memory is O(N·M) for the kernel matrices (N, M samples).
 
@@ -342,40 +361,61 @@ def mmd(x: jax.Array, y: jax.Array, log_bandwidths: jax.Array, *,
 
 
 def median_log_bandwidths(x: jax.Array, y: jax.Array,
-                          scales: Sequence[float] = (0.5, 1.0, 2.0)) -> jax.Array:
+                          scales: Sequence[float] = (0.5, 1.0, 2.0), *,
+                          x_mask: jax.Array | None = None, y_mask: jax.Array | None = None,
+                          max_samples: int | None = None) -> jax.Array:
   r"""Log-bandwidths ``log(s · σ_med)`` from the median heuristic.
 
   :math:`\sigma_{med}^2 = \tfrac12\operatorname{median}_{i\ne j}\lVert z_i - z_j\rVert^2` over
-  the pooled samples z = x ∪ y (Gretton et al. 2012, §8), so that the middle kernel has
-  :math:`\exp(-d^2/2\sigma^2) = e^{-1}` at the median distance. A good initial value for
-  :class:`MMDKernel`. Non-finite samples give non-finite bandwidths.
+  the pooled samples z = x ∪ y (Gretton et al. 2012, JMLR 13, §8), so that the middle kernel
+  has :math:`\exp(-d^2/2\sigma^2) = e^{-1}` at the median distance. Samples with zero weight in
+  ``x_mask`` / ``y_mask`` take no part. ``max_samples`` caps the cost, O(n²) for n pooled
+  samples: every ⌈n / max_samples⌉-th pooled sample is used (a deterministic subsample).
+  σ_med is floored at tiny^(1/4) of the dtype (identical samples); non-finite samples give
+  non-finite bandwidths.
   """
   x, y = jnp.asarray(x), jnp.asarray(y)
   if x.shape[-1] != y.shape[-1]:
     raise ValueError(f"`x` and `y` must have the same feature size, got {x.shape[-1]} and "
                      f"{y.shape[-1]}")
+  if max_samples is not None and not (isinstance(max_samples, int) and max_samples >= 2):
+    raise ValueError(f"`max_samples` must be an int >= 2 or None, got {max_samples!r}")
   dtype = compute_dtype(x, y)
   z = jnp.concatenate([x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])]).astype(dtype)
+  w = jnp.concatenate([_position_weights(x_mask, x.shape[:-1], dtype, "x_mask").reshape(-1),
+                       _position_weights(y_mask, y.shape[:-1], dtype, "y_mask").reshape(-1)])
+  if max_samples is not None and z.shape[0] > max_samples:
+    stride = -(-z.shape[0] // max_samples)
+    z, w = z[::stride], w[::stride]
   d = _sq_dists(z, z)
-  iu = jnp.triu_indices(z.shape[0], k=1)
-  sigma = jnp.sqrt(0.5 * jnp.median(d[iu]))
+  pair = (w[:, None] > 0) & (w[None, :] > 0) & ~jnp.eye(z.shape[0], dtype=bool)
+  sigma = jnp.sqrt(0.5 * jnp.nanmedian(jnp.where(pair, d, jnp.nan)))
+  # Floor: identical samples (σ_med = 0) give bandwidths whose 1/(2σ²) stays finite, so MMD²
+  # is 0 rather than 0·∞ = NaN. NaN in the samples still gives NaN (nanmedian would skip it).
+  sigma = jnp.maximum(sigma, jnp.finfo(dtype).tiny ** 0.25)
+  sigma = jnp.where(jnp.all(jnp.isfinite(z)), sigma, jnp.nan)
   return jnp.log(jnp.asarray(scales, dtype) * sigma)
 
 
 def reconstruction_l1(reconstruction: jax.Array, target: jax.Array, *,
-                      mask: jax.Array | None = None) -> jax.Array:
+                      mask: jax.Array | None = None,
+                      weights: jax.Array | None = None) -> jax.Array:
   r"""Mean absolute error between a reconstruction and the teacher's feature.
 
   .. math:: \ell = \frac{\sum_i w_i \frac1D\sum_d |r_{id} - t_{id}|}{\sum_i w_i}
 
-  Use with :class:`ReconstructionHead`: ``r = head(student_feature)``. NaN in an input gives
-  NaN. Arguments ``[..., D]`` of one shape; ``mask`` over ``shape[:-1]``.
+  with :math:`w_i` = ``weights`` (default 1) times the padding ``mask`` (True / 1 = counts),
+  both over ``shape[:-1]``, as in :func:`cosine_angular_loss`. Use with
+  :class:`ReconstructionHead`: ``r = head(student_feature)``. NaN in an input at an unmasked
+  position gives NaN; at a masked position, nothing. Arguments ``[..., D]`` of one shape.
   """
   reconstruction, target = jnp.asarray(reconstruction), jnp.asarray(target)
   _check_same_shape(reconstruction, target, "reconstruction", "target")
   dtype = compute_dtype(reconstruction, target)
-  per_pos = jnp.mean(jnp.abs(reconstruction.astype(dtype) - target.astype(dtype)), axis=-1)
-  return _weighted_mean(per_pos, _position_weights(mask, per_pos.shape, dtype))
+  w, (r, t) = _apply_mask(mask, weights, dtype, reconstruction.astype(dtype),
+                          target.astype(dtype))
+  per_pos = jnp.mean(jnp.abs(r - t), axis=-1)
+  return _weighted_mean(per_pos, w)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -434,24 +474,49 @@ def geometric_layer_weights(num_layers: int, ratio: float = 0.7) -> jax.Array:
 
 
 class MMDKernel(nnx.Module):
-  """Mixture-of-Gaussians MMD with learnable log-bandwidths (an ``nnx.Param`` ``[J]``).
+  r"""Mixture-of-Gaussians MMD² (:func:`mmd`) with data-driven or learned bandwidths.
 
-  ``kernel(x, y, x_mask=None, y_mask=None)`` is :func:`mmd` with the module's bandwidths; see
-  there for the formula and for why the bandwidths are trained by gradient *ascent*.
+  ``kernel(x, y, x_mask=None, y_mask=None)`` is :func:`mmd` with J bandwidths
+  :math:`\sigma_j`:
+
+  * ``bandwidth="median"`` (default): :math:`\sigma_j = s_j\,\sigma_{med}` with the median
+    heuristic of the call's pooled samples (:func:`median_log_bandwidths`, computed under
+    ``stop_gradient`` on at most ``max_median_samples`` samples) and
+    :math:`s = \mathrm{geomspace}(0.5, 2, J)`. The module holds no parameter, so it can sit
+    inside a model whose every ``nnx.Param`` is trained by descent.
+  * ``bandwidth="learned"``: ``log_bandwidths`` is an ``nnx.Param`` ``[J]``. MMD² falls to 0
+    as every σ → 0 or ∞, so these must be trained by gradient *ascent* (the MMD-GAN min-max,
+    Li et al. 2017), never in the same descent step as the student.
 
   Args:
     num_kernels: J.
-    init_log_bandwidths: ``[J]`` initial log σ (default log of geomspace(0.5, 2, J)·√D when
-      ``features`` is given, else of geomspace(0.5, 2, J)); :func:`median_log_bandwidths` is a
-      data-driven alternative.
-    features: D, to scale the default bandwidths (‖a − b‖² grows with D).
+    bandwidth: ``"median"`` or ``"learned"``.
+    init_log_bandwidths: learned: ``[J]`` initial log σ (default log of geomspace(0.5, 2, J)·√D
+      when ``features`` is given, else of geomspace(0.5, 2, J)).
+    features: learned: D, to scale the default bandwidths (‖a − b‖² grows with D).
     unbiased: use the U-statistic.
+    max_median_samples: median: the cap on pooled samples in the median (its cost is
+      quadratic in them).
   """
 
-  def __init__(self, num_kernels: int = 3, *, init_log_bandwidths=None,
-               features: int | None = None, unbiased: bool = False):
+  def __init__(self, num_kernels: int = 3, *, bandwidth: str = "median",
+               init_log_bandwidths=None, features: int | None = None, unbiased: bool = False,
+               max_median_samples: int = 1024):
     if not isinstance(num_kernels, int) or num_kernels < 1:
       raise ValueError(f"`num_kernels` must be a positive int, got {num_kernels!r}")
+    if bandwidth not in MMD_BANDWIDTHS:
+      raise ValueError(f"`bandwidth` must be one of {MMD_BANDWIDTHS}, got {bandwidth!r}")
+    self.bandwidth = bandwidth
+    self.unbiased = unbiased
+    self.max_median_samples = max_median_samples
+    # geomspace(0.5, 2, J): the middle kernel at σ_med for odd J
+    self.scales = tuple(0.5 * 4.0 ** (j / (num_kernels - 1)) if num_kernels > 1 else 0.5
+                        for j in range(num_kernels))
+    if bandwidth == "median":
+      if init_log_bandwidths is not None:
+        raise ValueError("`init_log_bandwidths` is for bandwidth='learned'; 'median' takes "
+                         "the bandwidths from the data")
+      return
     if init_log_bandwidths is None:
       scale = math.sqrt(features) if features else 1.0
       init = jnp.log(jnp.geomspace(0.5, 2.0, num_kernels) * scale).astype(jnp.float32)
@@ -461,11 +526,15 @@ class MMDKernel(nnx.Module):
         raise ValueError(f"`init_log_bandwidths` must have shape ({num_kernels},), got "
                          f"{init.shape}")
     self.log_bandwidths = nnx.Param(init)
-    self.unbiased = unbiased
 
   def __call__(self, x, y, *, x_mask=None, y_mask=None):
-    return mmd(x, y, self.log_bandwidths[...], x_mask=x_mask, y_mask=y_mask,
-               unbiased=self.unbiased)
+    if self.bandwidth == "learned":
+      log_bw = self.log_bandwidths[...]
+    else:
+      log_bw = jax.lax.stop_gradient(median_log_bandwidths(
+          x, y, self.scales, x_mask=x_mask, y_mask=y_mask,
+          max_samples=self.max_median_samples))
+    return mmd(x, y, log_bw, x_mask=x_mask, y_mask=y_mask, unbiased=self.unbiased)
 
 
 class ReconstructionHead(nnx.Module):
@@ -495,8 +564,9 @@ class FeatureDistiller(nnx.Module):
 
   with :math:`g` = :func:`layer_map`, :math:`w` = :func:`geometric_layer_weights`, and per
   slice the measure :math:`\ell_s` of ``slice_losses``: ``"cosine"``
-  (:func:`cosine_angular_loss`), ``"mmd"`` (:func:`mmd` with one :class:`MMDKernel` per slice
-  shared over layers; positions are the samples) or ``"l1"`` (:func:`reconstruction_l1`).
+  (:func:`cosine_angular_loss`), ``"mmd"`` (:func:`mmd` with one :class:`MMDKernel` per slice,
+  median-heuristic bandwidths of each layer pair; positions are the samples) or ``"l1"``
+  (:func:`reconstruction_l1`).
   :math:`P_{s,i}` is a bias-free ``nnx.Linear`` from the student's to the teacher's width for
   "cosine" and "mmd" (the identity, with no parameters, when the widths agree and
   ``always_project`` is False), and a :class:`ReconstructionHead` for "l1".
@@ -512,9 +582,10 @@ class FeatureDistiller(nnx.Module):
     always_project: give "cosine"/"mmd" slices a learned projection even at equal widths.
     rngs: ``nnx.Rngs`` for the projections.
 
-  Call: ``distiller(student_feats, teacher_feats, mask=None) -> (loss, per_layer)`` with the
-  feature dicts of :func:`collect_intermediates` (``[L, B, T, D]`` per slice), ``mask``
-  ``[B, T]`` and ``per_layer[slice]`` the unweighted ``[L_s]`` losses. NaN in a feature makes
+  Call: ``distiller(student_feats, teacher_feats, mask=None, weights=None) -> (loss,
+  per_layer)`` with the feature dicts of :func:`collect_intermediates` (``[L, B, T, D]`` per
+  slice), the padding ``mask`` and float per-position ``weights`` ``[B, T]`` (as in the token
+  losses) and ``per_layer[slice]`` the unweighted ``[L_s]`` losses. NaN in a feature makes
   the loss NaN.
   """
 
@@ -547,13 +618,13 @@ class FeatureDistiller(nnx.Module):
         projections[name] = nnx.List([nnx.Linear(ds, dt, use_bias=False, rngs=rngs)
                                       for _ in range(num_student_layers)])
       if kind == "mmd":
-        kernels[name] = MMDKernel(num_kernels, features=dt)
+        kernels[name] = MMDKernel(num_kernels)  # no parameter: see MMDKernel
     self.projections = nnx.Dict(projections)
     self.kernels = nnx.Dict(kernels)
 
   def __call__(self, student_feats: Mapping[str, jax.Array],
-               teacher_feats: Mapping[str, jax.Array], *, mask=None):
-    weights = self.layer_weights[...]
+               teacher_feats: Mapping[str, jax.Array], *, mask=None, weights=None):
+    layer_weights = self.layer_weights[...]
     total = jnp.zeros((), jnp.float32)
     per_layer = {}
     for name, kind in self.slice_losses.items():
@@ -575,13 +646,15 @@ class FeatureDistiller(nnx.Module):
         t = ht[j]
         if kind == "cosine":
           loss = cosine_angular_loss(s, t, angular_weight=self.angular_weight,
-                                     margin=self.margin, mask=mask)
+                                     margin=self.margin, mask=mask, weights=weights)
         elif kind == "mmd":
-          m = None if mask is None else jnp.broadcast_to(mask, s.shape[:-1])
+          m = None
+          if mask is not None or weights is not None:
+            m, (s, t) = _apply_mask(mask, weights, jnp.float32, s, t)
           loss = self.kernels[name](s, t, x_mask=m, y_mask=m)
         else:
-          loss = reconstruction_l1(s, t, mask=mask)
+          loss = reconstruction_l1(s, t, mask=mask, weights=weights)
         losses.append(loss.astype(jnp.float32))
       per_layer[name] = jnp.stack(losses)
-      total = total + jnp.sum(weights * per_layer[name])
+      total = total + jnp.sum(layer_weights * per_layer[name])
     return total, per_layer

@@ -9,7 +9,8 @@ dict ``{name: weight}`` to log.
 * :class:`UncertaintyFusion` — homoscedastic uncertainty weighting (Kendall, Gal & Cipolla
   2018, "Multi-Task Learning Using Uncertainty to Weigh Losses", arXiv 1705.07115),
   :math:`\sum_i e^{-s_i} L_i + s_i` with learnable log-variances :math:`s_i`.
-* :class:`GatedFusion` — seed 001's learnable gate: a small MLP maps runtime features
+* :class:`GatedFusion` — a learnable gate (a mixture-of-experts style gating network, Jacobs
+  et al. 1991, "Adaptive Mixtures of Local Experts"): a small MLP maps runtime features
   (per-step perplexity, token type, context entropy, ...; see :func:`runtime_features`) to
   softmax weights over the terms, :math:`\sum_i g_i(x) L_i`, trained jointly with the student.
 
@@ -152,7 +153,7 @@ class UncertaintyFusion(nnx.Module):
 
 
 class GatedFusion(nnx.Module):
-  r"""Learnable gate: softmax weights over K terms from runtime features (seed 001).
+  r"""Learnable gate: softmax weights over K terms from runtime features.
 
   .. math::
      z = W_2\,\tanh(W_1 x + b_1) + b_2,\qquad

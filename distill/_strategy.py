@@ -1,12 +1,12 @@
-r"""The adaptive distillation engine of seed 001, as optax pieces plus a pure controller.
+r"""An adaptive distillation engine, as optax pieces plus a pure controller.
 
-Seed 001 describes an engine that watches training metrics and issues five kinds of
-decisions: loss re-weighting, learning-rate profile reshaping per layer, switching the
-gradient-clipping mode, re-batching (micro-batches, accumulation steps) and distillation
-stage transitions. The seed's "three-layer decision network" has no training signal, so here
-each decision is an explicit, documented rule on named metrics; every rule is a pure function
-of the controller state and the metrics of one evaluation, so the controller is jit-able, its
-state is a checkpointable pytree, and each decision is logged.
+The engine watches training metrics and issues five kinds of decisions: loss re-weighting,
+learning-rate profile reshaping per layer, switching the gradient-clipping mode, re-batching
+(micro-batches, accumulation steps) and distillation stage transitions. A learned "decision
+network" would have no training signal, so here each decision is an explicit, documented
+rule on named metrics; every rule is a pure function of the controller state and the metrics
+of one evaluation, so the controller is jit-able, its state is a checkpointable pytree, and
+each decision is logged.
 
 Pieces (the optimizer side, each an optax transformation that accepts and forwards unknown
 extra args and keeps its decision in its state as a traced value, so a change never
@@ -33,22 +33,21 @@ The controller side: :func:`adaptive_controller` returns ``(init, update)``;
     if step % eval_every == 0:                           # outside the train step
       metrics = {**evaluate(params), **strategy_metrics(opt_state)}
       new_ctrl = controller.update(ctrl_state, metrics)  # pure, jit-able
-      audit_log.write(ctrl_state, new_ctrl, metrics, step=step)
+      for record in audit_records(ctrl_state, new_ctrl, metrics, step=step):
+        audit_log.append(record)                         # a convergence.AuditLog
       ctrl_state = new_ctrl
 
 ``decision_args`` yields ``clip_mode``, ``lr_scales``, ``lr_restarts`` and ``accum_steps``;
 the pieces read theirs and pass the rest on; the loss weights go to the loss function
 (``ctrl_state.loss_weights``, e.g. into :class:`distill.FixedFusion`-style weighting).
-Transformations that reject unknown keywords (optax's linesearches, see REFERENCES §5) must
-not be chained with these extra args. To keep the controller inside the optimizer state
-instead of beside it, wrap it with :func:`controller_transformation`.
+Transformations that reject unknown keywords (optax 0.2's linesearches) must not be chained
+with these extra args. To keep the controller inside the optimizer state instead of beside it,
+wrap it with :func:`controller_transformation`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -144,8 +143,8 @@ def clip_by_mode(max_norm: float, *, mode: str | int = "global",
   with the norm over the group's leaves together. Mode ``global`` equals
   ``optax.clip_by_global_norm(c)``. The three sets of norms share one pass of per-leaf sums
   of squares; the mode only selects the scale (``lax.switch`` on the traced
-  ``state.clip_mode``), so switching recompiles nothing. Seed 001 also names head- and
-  channel-level clipping: reshape heads or channels into their own leaves (or labels) to get
+  ``state.clip_mode``), so switching recompiles nothing. For head- or channel-level
+  clipping, reshape heads or channels into their own leaves (or labels) to get
   them from the per-leaf / per-layer modes.
 
   Switch the mode by passing the extra arg ``clip_mode`` (an int, stored in the state and
@@ -163,7 +162,8 @@ def clip_by_mode(max_norm: float, *, mode: str | int = "global",
       returning one (the ``optax.multi_transform`` convention); default
       :func:`top_level_labels`.
   """
-  if not max_norm > 0:
+  # A traced max_norm (optax.inject_hyperparams) is accepted unchecked.
+  if isinstance(max_norm, (int, float)) and not max_norm > 0:
     raise ValueError(f"`max_norm` must be > 0, got {max_norm!r}")
   mode0 = _clip_mode_id(mode)
   nan = jnp.float32(jnp.nan)
@@ -248,7 +248,7 @@ def scale_by_group_schedule(schedule: float | Schedule, *, group: str,
   The group's multiplier :math:`s` and restart counter come through the extra args
   ``lr_scales`` and ``lr_restarts`` (dicts keyed by group, read when they hold ``group``);
   a restart happens when ``lr_restarts[group]`` exceeds the generation in the state. Both are
-  stored, so omitting the extra args later keeps the last values. Seed 001's example: a
+  stored, so omitting the extra args later keeps the last values. For example, a
   stalled layer gets its own cosine-annealing schedule while the others keep theirs.
   """
   base = _as_schedule(schedule)
@@ -397,7 +397,7 @@ class ReweightRule(NamedTuple):
   """When ``metric`` is above (``above=True``) or below ``threshold``, multiply the loss
   weights by ``factors`` (``{term: factor}``), once per evaluation while it holds.
 
-  Seed 001's example: early collapse in long generations (say ``"val/long_ppl_ratio"`` above
+  For example, early collapse in long generations (say ``"val/long_ppl_ratio"`` above
   1.5) → raise the temporal weight, lower the soft-target weight:
   ``ReweightRule("val/long_ppl_ratio", 1.5, {"temporal": 1.25, "kd": 0.8})``.
   """
@@ -441,7 +441,8 @@ class StallRule(NamedTuple):
 
 
 class ControllerInfo(NamedTuple):
-  """What the last evaluation decided (all traced; :class:`AuditLog` turns it into lines).
+  """What the last evaluation decided (all traced; :func:`audit_records` turns it into JSON
+  records, written with ``convergence.AuditLog``).
 
   ``stable``: per core metric, within the band over the full window; ``nonfinite``: per
   metric read, NaN/inf at this evaluation; ``rules_fired``: per re-weighting rule;
@@ -483,6 +484,156 @@ class Controller(NamedTuple):
   metric_names: tuple[str, ...]
 
 
+def _check_controller_args(*, terms, core, targets, window, rtol, min_stable, num_stages,
+                           reweight_rules, weight_bounds, stall_rule, groups,
+                           accumulation_rule, accum_steps) -> None:
+  """The checks of :func:`adaptive_controller`'s arguments, each naming the argument."""
+  if not terms:
+    raise ValueError("`loss_weights` must name at least one term.")
+  if not (isinstance(window, int) and window >= 1):
+    raise ValueError(f"`window` must be an int >= 1, got {window!r}")
+  if not rtol >= 0:
+    raise ValueError(f"`rtol` must be >= 0, got {rtol!r}")
+  if not (isinstance(min_stable, int) and 1 <= min_stable <= len(core)):
+    raise ValueError(f"`min_stable` must be an int in [1, len(core_metrics)={len(core)}], "
+                     f"got {min_stable!r}")
+  if len(set(core)) != len(core):
+    raise ValueError(f"`core_metrics` must be distinct, got {core!r}")
+  for name, (op, _) in targets.items():
+    if name not in core:
+      raise ValueError(f"`targets` names {name!r}, not a core metric {list(core)}")
+    if op not in ("<=", ">="):
+      raise ValueError(f"`targets[{name!r}]` op must be '<=' or '>=', got {op!r}")
+  if num_stages is not None and not (isinstance(num_stages, int) and num_stages >= 1):
+    raise ValueError(f"`num_stages` must be None or an int >= 1, got {num_stages!r}")
+  for r in reweight_rules:
+    bad = set(r.factors) - set(terms)
+    if bad:
+      raise ValueError(f"ReweightRule on {r.metric!r} names terms {sorted(bad)} not in "
+                       f"`loss_weights` {list(terms)}")
+  lo_w, hi_w = weight_bounds
+  if not 0 <= lo_w <= hi_w:
+    raise ValueError(f"`weight_bounds` must satisfy 0 <= low <= high, got {weight_bounds!r}")
+  if stall_rule is not None and not groups:
+    raise ValueError("`stall_rule` needs `lr_groups`.")
+  if accumulation_rule is not None and not (
+      1 <= accumulation_rule.min_steps <= accum_steps <= accumulation_rule.max_steps):
+    raise ValueError("need min_steps <= `accum_steps` <= max_steps for the AccumulationRule, "
+                     f"got {accum_steps!r} and {accumulation_rule!r}")
+
+
+def _controller_metric_names(core, reweight_rules, clip_rule, accumulation_rule, stall_rule,
+                             groups) -> tuple[str, ...]:
+  """Every metric the controller reads, each once, in rule order."""
+  names = list(core)
+  names += [r.metric for r in reweight_rules]
+  if clip_rule is not None:
+    names.append(clip_rule.metric)
+  if accumulation_rule is not None:
+    names.append(accumulation_rule.metric)
+  if stall_rule is not None:
+    names += [stall_rule.prefix + g for g in groups]
+  return tuple(dict.fromkeys(names))
+
+
+def _initial_controller_state(loss_weights, core, metric_names, groups, *, num_rules, mode,
+                              accum_steps, window) -> ControllerState:
+  f = jnp.bool_(False)
+  info = ControllerInfo(
+      stable={n: f for n in core}, nonfinite={n: f for n in metric_names},
+      rules_fired=jnp.zeros((num_rules,), jnp.bool_),
+      restarted={g: f for g in groups}, transitioned=f)
+  return ControllerState(
+      evaluation=jnp.int32(0), stage=jnp.int32(0),
+      loss_weights={t: jnp.float32(loss_weights[t]) for t in loss_weights},
+      clip_mode=jnp.int32(mode), accum_steps=jnp.int32(accum_steps),
+      lr_scales={g: jnp.float32(1.0) for g in groups},
+      lr_restarts={g: jnp.int32(0) for g in groups},
+      stall_count={g: jnp.int32(0) for g in groups},
+      window=jnp.full((window, len(core)), jnp.nan, jnp.float32),
+      window_count=jnp.int32(0), info=info)
+
+
+def _stage_step(state: ControllerState, m, *, core, targets, window, rtol, min_stable,
+                num_stages):
+  """Rule 1: (stable per core metric, transitioned, stage, window, window count)."""
+  row = jnp.stack([m[n] for n in core])
+  win = state.window.at[state.window_count % window].set(row)
+  count = state.window_count + 1
+  hi, lo = jnp.max(win, axis=0), jnp.min(win, axis=0)
+  mean = jnp.mean(win, axis=0)
+  stable_vec = ((count >= window) & jnp.all(jnp.isfinite(win), axis=0)
+                & (hi - lo <= rtol * jnp.abs(mean)))
+  for j, n in enumerate(core):
+    if n in targets:
+      op, v = targets[n]
+      stable_vec = stable_vec.at[j].set(stable_vec[j] & (row[j] <= v if op == "<=" else
+                                                         row[j] >= v))
+  can_advance = True if num_stages is None else state.stage < num_stages - 1
+  transitioned = (jnp.sum(stable_vec) >= min_stable) & can_advance
+  stage = state.stage + transitioned.astype(jnp.int32)
+  win = jnp.where(transitioned, jnp.full_like(win, jnp.nan), win)
+  count = jnp.where(transitioned, 0, count)
+  return stable_vec, transitioned, stage, win, count
+
+
+def _reweight_step(weights, m, *, reweight_rules, weight_bounds, renormalize, initial_sum):
+  """Rule 2: (the new loss weights, which rules fired)."""
+  lo_w, hi_w = weight_bounds
+  w = dict(weights)
+  fired = []
+  for r in reweight_rules:
+    v = m[r.metric]
+    on = (v > r.threshold) if r.above else (v < r.threshold)   # False for NaN
+    fired.append(on)
+    for t, f in r.factors.items():
+      w[t] = jnp.where(on, w[t] * jnp.float32(f), w[t])
+  w = {t: jnp.clip(v, lo_w, hi_w) for t, v in w.items()}
+  if renormalize:
+    total = sum(w.values())
+    w = {t: jnp.where(total > 0, v * (initial_sum / total), v) for t, v in w.items()}
+  return w, fired
+
+
+def _clip_and_accumulation_step(state: ControllerState, m, finite, *, clip_rule,
+                                accumulation_rule):
+  """Rules 3 and 4: (the clip mode, the accumulation steps); a NaN metric keeps them."""
+  mode = state.clip_mode
+  if clip_rule is not None:
+    v = m[clip_rule.metric]
+    proposal = jnp.where(v > clip_rule.per_leaf_above, CLIP_PER_LEAF,
+                         jnp.where(v > clip_rule.per_layer_above, CLIP_PER_LAYER,
+                                   CLIP_GLOBAL)).astype(jnp.int32)
+    mode = jnp.where(finite[clip_rule.metric], proposal, mode)
+  k = state.accum_steps
+  if accumulation_rule is not None:
+    a = accumulation_rule
+    v = m[a.metric]
+    k = jnp.where(v > a.increase_above, jnp.minimum(2 * k, a.max_steps),
+                  jnp.where(v < a.decrease_below, jnp.maximum(k // 2, a.min_steps), k))
+    k = k.astype(jnp.int32)
+  return mode, k
+
+
+def _stall_step(state: ControllerState, m, finite, *, stall_rule, groups):
+  """Rule 5: (lr scales, restart counts, stall counters, restarted) per layer group."""
+  scales, restarts, stall = dict(state.lr_scales), dict(state.lr_restarts), \
+      dict(state.stall_count)
+  restarted = {g: jnp.bool_(False) for g in groups}
+  if stall_rule is not None:
+    for g in groups:
+      name = stall_rule.prefix + g
+      v = m[name]
+      c = jnp.where(finite[name], jnp.where(v < stall_rule.threshold, stall[g] + 1, 0),
+                    stall[g])
+      fire = c >= stall_rule.patience
+      restarted[g] = fire
+      restarts[g] = restarts[g] + fire.astype(jnp.int32)
+      scales[g] = jnp.where(fire, scales[g] * jnp.float32(stall_rule.boost), scales[g])
+      stall[g] = jnp.where(fire, 0, c).astype(jnp.int32)
+  return scales, restarts, stall, restarted
+
+
 def adaptive_controller(
     *,
     loss_weights: Mapping[str, float],
@@ -502,7 +653,7 @@ def adaptive_controller(
     lr_groups: Sequence[str] = (),
     stall_rule: StallRule | None = None,
 ) -> Controller:
-  r"""Seed 001's adaptive training engine as a pure controller.
+  r"""The adaptive training engine as a pure controller.
 
   At each evaluation, with metrics :math:`m` (a dict of scalars):
 
@@ -542,70 +693,22 @@ def adaptive_controller(
     A :class:`Controller`; ``metric_names`` lists every metric ``update`` reads (a missing
     one raises ``KeyError`` naming it).
   """
-  terms = tuple(loss_weights)
-  core = tuple(core_metrics)
-  groups = tuple(lr_groups)
+  terms, core, groups = tuple(loss_weights), tuple(core_metrics), tuple(lr_groups)
   targets = dict(targets or {})
-  if not terms:
-    raise ValueError("`loss_weights` must name at least one term.")
-  if not (isinstance(window, int) and window >= 1):
-    raise ValueError(f"`window` must be an int >= 1, got {window!r}")
-  if not rtol >= 0:
-    raise ValueError(f"`rtol` must be >= 0, got {rtol!r}")
-  if not (isinstance(min_stable, int) and 1 <= min_stable <= len(core)):
-    raise ValueError(f"`min_stable` must be an int in [1, len(core_metrics)={len(core)}], "
-                     f"got {min_stable!r}")
-  if len(set(core)) != len(core):
-    raise ValueError(f"`core_metrics` must be distinct, got {core!r}")
-  for name, (op, _) in targets.items():
-    if name not in core:
-      raise ValueError(f"`targets` names {name!r}, not a core metric {list(core)}")
-    if op not in ("<=", ">="):
-      raise ValueError(f"`targets[{name!r}]` op must be '<=' or '>=', got {op!r}")
-  if num_stages is not None and not (isinstance(num_stages, int) and num_stages >= 1):
-    raise ValueError(f"`num_stages` must be None or an int >= 1, got {num_stages!r}")
-  for r in reweight_rules:
-    bad = set(r.factors) - set(terms)
-    if bad:
-      raise ValueError(f"ReweightRule on {r.metric!r} names terms {sorted(bad)} not in "
-                       f"`loss_weights` {list(terms)}")
-  lo_w, hi_w = weight_bounds
-  if not 0 <= lo_w <= hi_w:
-    raise ValueError(f"`weight_bounds` must satisfy 0 <= low <= high, got {weight_bounds!r}")
-  if stall_rule is not None and not groups:
-    raise ValueError("`stall_rule` needs `lr_groups`.")
-  if accumulation_rule is not None and not (
-      1 <= accumulation_rule.min_steps <= accum_steps <= accumulation_rule.max_steps):
-    raise ValueError("need min_steps <= `accum_steps` <= max_steps for the AccumulationRule, "
-                     f"got {accum_steps!r} and {accumulation_rule!r}")
+  _check_controller_args(terms=terms, core=core, targets=targets, window=window, rtol=rtol,
+                         min_stable=min_stable, num_stages=num_stages,
+                         reweight_rules=reweight_rules, weight_bounds=weight_bounds,
+                         stall_rule=stall_rule, groups=groups,
+                         accumulation_rule=accumulation_rule, accum_steps=accum_steps)
   mode0 = _clip_mode_id(clip_mode)
-
-  metric_names = list(core)
-  metric_names += [r.metric for r in reweight_rules]
-  if clip_rule is not None:
-    metric_names.append(clip_rule.metric)
-  if accumulation_rule is not None:
-    metric_names.append(accumulation_rule.metric)
-  if stall_rule is not None:
-    metric_names += [stall_rule.prefix + g for g in groups]
-  metric_names = tuple(dict.fromkeys(metric_names))
+  metric_names = _controller_metric_names(core, reweight_rules, clip_rule, accumulation_rule,
+                                          stall_rule, groups)
   initial_sum = sum(float(v) for v in loss_weights.values())
 
   def init_fn() -> ControllerState:
-    f = jnp.bool_(False)
-    info = ControllerInfo(
-        stable={n: f for n in core}, nonfinite={n: f for n in metric_names},
-        rules_fired=jnp.zeros((len(reweight_rules),), jnp.bool_),
-        restarted={g: f for g in groups}, transitioned=f)
-    return ControllerState(
-        evaluation=jnp.int32(0), stage=jnp.int32(0),
-        loss_weights={t: jnp.float32(loss_weights[t]) for t in terms},
-        clip_mode=jnp.int32(mode0), accum_steps=jnp.int32(accum_steps),
-        lr_scales={g: jnp.float32(1.0) for g in groups},
-        lr_restarts={g: jnp.int32(0) for g in groups},
-        stall_count={g: jnp.int32(0) for g in groups},
-        window=jnp.full((window, len(core)), jnp.nan, jnp.float32),
-        window_count=jnp.int32(0), info=info)
+    return _initial_controller_state(loss_weights, core, metric_names, groups,
+                                     num_rules=len(reweight_rules), mode=mode0,
+                                     accum_steps=accum_steps, window=window)
 
   def update_fn(state: ControllerState, metrics: Mapping[str, Any]) -> ControllerState:
     missing = [n for n in metric_names if n not in metrics]
@@ -614,74 +717,16 @@ def adaptive_controller(
     state = jax.tree.map(jnp.asarray, state)   # a restored checkpoint may hold NumPy arrays
     m = {n: jnp.asarray(metrics[n], jnp.float32) for n in metric_names}
     finite = {n: jnp.isfinite(v) for n, v in m.items()}
-
-    # 1. Stage transition.
-    row = jnp.stack([m[n] for n in core])
-    win = state.window.at[state.window_count % window].set(row)
-    count = state.window_count + 1
-    hi, lo = jnp.max(win, axis=0), jnp.min(win, axis=0)
-    mean = jnp.mean(win, axis=0)
-    stable_vec = ((count >= window) & jnp.all(jnp.isfinite(win), axis=0)
-                  & (hi - lo <= rtol * jnp.abs(mean)))
-    for j, n in enumerate(core):
-      if n in targets:
-        op, v = targets[n]
-        stable_vec = stable_vec.at[j].set(stable_vec[j] & (row[j] <= v if op == "<=" else
-                                                           row[j] >= v))
-    can_advance = True if num_stages is None else state.stage < num_stages - 1
-    transitioned = (jnp.sum(stable_vec) >= min_stable) & can_advance
-    stage = state.stage + transitioned.astype(jnp.int32)
-    win = jnp.where(transitioned, jnp.full_like(win, jnp.nan), win)
-    count = jnp.where(transitioned, 0, count)
-
-    # 2. Loss re-weighting.
-    w = dict(state.loss_weights)
-    fired = []
-    for r in reweight_rules:
-      v = m[r.metric]
-      on = (v > r.threshold) if r.above else (v < r.threshold)   # False for NaN
-      fired.append(on)
-      for t, f in r.factors.items():
-        w[t] = jnp.where(on, w[t] * jnp.float32(f), w[t])
-    w = {t: jnp.clip(v, lo_w, hi_w) for t, v in w.items()}
-    if renormalize:
-      total = sum(w.values())
-      w = {t: jnp.where(total > 0, v * (initial_sum / total), v) for t, v in w.items()}
-
-    # 3. Clip mode.
-    mode = state.clip_mode
-    if clip_rule is not None:
-      v = m[clip_rule.metric]
-      proposal = jnp.where(v > clip_rule.per_leaf_above, CLIP_PER_LEAF,
-                           jnp.where(v > clip_rule.per_layer_above, CLIP_PER_LAYER,
-                                     CLIP_GLOBAL)).astype(jnp.int32)
-      mode = jnp.where(finite[clip_rule.metric], proposal, mode)
-
-    # 4. Accumulation.
-    k = state.accum_steps
-    if accumulation_rule is not None:
-      a = accumulation_rule
-      v = m[a.metric]
-      k = jnp.where(v > a.increase_above, jnp.minimum(2 * k, a.max_steps),
-                    jnp.where(v < a.decrease_below, jnp.maximum(k // 2, a.min_steps), k))
-      k = k.astype(jnp.int32)
-
-    # 5. Per-layer learning rates.
-    scales, restarts, stall = dict(state.lr_scales), dict(state.lr_restarts), \
-        dict(state.stall_count)
-    restarted = {g: jnp.bool_(False) for g in groups}
-    if stall_rule is not None:
-      for g in groups:
-        name = stall_rule.prefix + g
-        v = m[name]
-        c = jnp.where(finite[name], jnp.where(v < stall_rule.threshold, stall[g] + 1, 0),
-                      stall[g])
-        fire = c >= stall_rule.patience
-        restarted[g] = fire
-        restarts[g] = restarts[g] + fire.astype(jnp.int32)
-        scales[g] = jnp.where(fire, scales[g] * jnp.float32(stall_rule.boost), scales[g])
-        stall[g] = jnp.where(fire, 0, c).astype(jnp.int32)
-
+    stable_vec, transitioned, stage, win, count = _stage_step(
+        state, m, core=core, targets=targets, window=window, rtol=rtol,
+        min_stable=min_stable, num_stages=num_stages)
+    w, fired = _reweight_step(state.loss_weights, m, reweight_rules=reweight_rules,
+                              weight_bounds=weight_bounds, renormalize=renormalize,
+                              initial_sum=initial_sum)
+    mode, k = _clip_and_accumulation_step(state, m, finite, clip_rule=clip_rule,
+                                          accumulation_rule=accumulation_rule)
+    scales, restarts, stall, restarted = _stall_step(state, m, finite, stall_rule=stall_rule,
+                                                     groups=groups)
     info = ControllerInfo(
         stable={n: stable_vec[j] for j, n in enumerate(core)},
         nonfinite={n: ~finite[n] for n in metric_names},
@@ -847,19 +892,3 @@ def audit_records(old: ControllerState, new: ControllerState, metrics: Mapping[s
         metrics={n: _py(metrics[n]) for n in info.stable})
   return recs
 
-
-class AuditLog:
-  """Appends :func:`audit_records` to a JSON-lines file (one JSON object a line)."""
-
-  def __init__(self, path: str | os.PathLike, *, rule_names: Sequence[str] | None = None):
-    self.path = os.fspath(path)
-    self.rule_names = rule_names
-
-  def write(self, old: ControllerState, new: ControllerState, metrics: Mapping[str, Any],
-            *, step: int | None = None) -> list[dict[str, Any]]:
-    recs = audit_records(old, new, metrics, step=step, rule_names=self.rule_names)
-    if recs:
-      with open(self.path, "a", encoding="utf-8") as f:
-        for r in recs:
-          f.write(json.dumps(r, allow_nan=False, sort_keys=True) + "\n")
-    return recs

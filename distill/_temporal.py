@@ -1,7 +1,7 @@
 r"""Temporal distillation losses: how hidden states and attention evolve along the sequence.
 
-Seed 001's three temporal terms, read for teacher-forced training on whole sequences (one
-forward pass gives every "generation step" t at once, as position t):
+Three temporal terms, read for teacher-forced training on whole sequences (one forward pass
+gives every "generation step" t at once, as position t):
 
 1. **State smoothness** — :func:`smoothness_penalty`: an L2 penalty on the student's
    step-to-step hidden-state change whose coefficient grows linearly with position.
@@ -15,8 +15,8 @@ forward pass gives every "generation step" t at once, as position t):
 Attention maps come from the collected QKV projections (``distill.attention_from_qkv``) with
 no model change.
 
-On "semantic path replay". The seed asks to sample finished sequences, freeze the teacher,
-"start from its final hidden state and run back-propagation backwards to generate a virtual
+On "semantic path replay". The method is specified only in words: sample finished sequences,
+freeze the teacher, "start from its final hidden state and run back-propagation backwards to generate a virtual
 semantic degradation path", and have the student "evolve its hidden state backwards along the
 same path". Taken literally this is not well defined: it names no quantity to differentiate,
 no variable the gradient is taken with respect to, and a causal decoder has no backward
@@ -75,8 +75,8 @@ def smoothness_penalty(hidden: jax.Array, *, growth: str | jax.Array = "linear",
        \lVert h_{b,t}-h_{b,t-1}\rVert_2^2}{\sum_b\sum_{t=1}^{T-1} m_{b,t}m_{b,t-1}},\qquad
      c_t = \frac{t}{T-1}\ (\text{"linear"})\ \text{or}\ 1\ (\text{"constant"}),
 
-  seed 001's "L2 regularisation of the change rate of adjacent hidden states, with a
-  coefficient that grows linearly with generation length": :math:`c_t` rises from 1/(T−1) to 1
+  an "L2 regularisation of the change rate of adjacent hidden states, with a coefficient that
+  grows linearly with generation length": :math:`c_t` rises from 1/(T−1) to 1
   at the last step, and the normalisation by the number of steps (not by Σc) keeps that
   growth. Apply it to the student's hidden states (e.g. a ``block_out`` slice).
 
@@ -146,7 +146,7 @@ def attention_evolution_loss(student_attention: jax.Array, teacher_attention: ja
      \lVert X\rVert_* = \textstyle\sum_i \sigma_i(X),
 
   with :math:`E_{b,h,t}\in\mathbb R^{w\times T_k}` the rows of steps t, …, t − w + 1
-  (:func:`attention_evolution`, w = ``window``, 4 in seed 001). The nuclear norm of the
+  (:func:`attention_evolution`, w = ``window``, default 4). The nuclear norm of the
   4-D tensor is taken as the sum of the nuclear norms of its step × key slices, a standard
   matricisation; it rewards matching the low-rank *pattern* of how attention moves from step
   to step rather than each entry (Candès & Recht 2009 for the nuclear norm as the convex
@@ -201,7 +201,7 @@ def attention_evolution_loss(student_attention: jax.Array, teacher_attention: ja
 
 def path_replay_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, *,
                      decay: float = 0.9, mask: jax.Array | None = None) -> jax.Array:
-  r"""Seed 001's "semantic path replay", read as backward-weighted trajectory matching.
+  r""""Semantic path replay", read as backward-weighted trajectory matching.
 
   .. math::
      \mathcal L = \frac{\sum_{b,t\ge1}\gamma^{\,T-1-t}\,m_{b,t}m_{b,t-1}
@@ -210,7 +210,7 @@ def path_replay_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, *,
      \Delta_{b,t} = h_{b,t}-h_{b,t-1},\ \gamma = \text{decay},
 
   the teacher's path (its step increments) replayed from the final state backwards with a
-  weight that decays by γ per step; see the module docstring for why the seed's literal
+  weight that decays by γ per step; see the module docstring for why the literal
   description is not implemented. Invariant to a constant offset between the two hidden
   states. The student's states must already be in the teacher's width (project them, e.g.
   with a ``FeatureDistiller`` projection or an ``nnx.Linear``).

@@ -1,11 +1,11 @@
-r"""Per-position importance weights for token losses (seed 001: semantic anchors weigh more).
+r"""Per-position importance weights for token losses: semantic anchors weigh more.
 
-Seed 001 weighs each predicted position by how much a wrong prediction there would change the
+Each predicted position is weighed by how much a wrong prediction there would change the
 meaning: content words (entities, verbs, logical connectives — "semantic anchors") weigh more
 than function words, with continuous weights in [0.2, 3.0] that move smoothly, not by a
-threshold, from confident low-impact positions to uncertain high-impact ones. The seed obtains
-the score from a POS / dependency / semantic-role parser; here the generator is a pluggable
-function of a per-position score in [0, 1]:
+threshold, from confident low-impact positions to uncertain high-impact ones. Such a score can
+come from a POS / dependency / semantic-role parser; here the generator is a pluggable function
+of a per-position score in [0, 1]:
 
 .. math:: w_i = w_{\min} + (w_{\max} - w_{\min})\,\tilde\sigma(s_i),\qquad
    \tilde\sigma(s) = \frac{\sigma(k(s-c)) - \sigma(-kc)}{\sigma(k(1-c)) - \sigma(-kc)},
@@ -16,7 +16,7 @@ a logistic of sharpness :math:`k` centred at :math:`c`, rescaled so that :math:`
 The built-in score needs no parser. It mixes two per-position signals in [0, 1]:
 
 * teacher uncertainty, :math:`u_i = H(P_i)/\log V` (normalised entropy of the teacher's
-  distribution): the seed's "low-confidence" end;
+  distribution): the "low-confidence" end;
 * rarity of the target token, :math:`r_i = -\log \hat f(y_i) / \log(N + V)` with the add-one
   frequency :math:`\hat f(v) = (c_v + 1)/(N + V)` from corpus counts :math:`c` (``token_counts``):
   function words are the most frequent tokens of any corpus, so they get the lowest rarity
@@ -92,7 +92,7 @@ def weights_from_scores(scores, *, mask=None, min_weight=0.2, max_weight=3.0, ce
   Args:
     scores: ``[...]`` float scores, 0 = function word, 1 = semantic anchor.
     mask: optional ``[...]`` padding mask.
-    min_weight, max_weight: the range; seed 001 uses [0.2, 3.0].
+    min_weight, max_weight: the range (default [0.2, 3.0]).
     center: score :math:`c` at the logistic's midpoint, in (0, 1).
     sharpness: :math:`k > 0`; large k approaches a threshold at c, small k a straight line.
   """

@@ -13,7 +13,7 @@ directories plus the tier ledger ``tiers.json``). One checkpoint at step ``s`` i
   monitor's whole state (anomaly detector windows, evidence windows and Kalman levels, the
   network's decayed evidence, tables and last decision, and the host counters: tier of the
   newest checkpoint, release given, emergency saves, rollbacks), packed into one array per
-  dtype (``experiments.monitoring.pack``).
+  dtype (``convergence.Monitor.pack``).
 * tier, kind (regular / forced at a stage boundary or a hyper-parameter change / emergency)
   and reason in the ledger ``tiers.json`` (see ``experiments.monitoring`` for the promotion
   rule).
@@ -47,6 +47,8 @@ from typing import Any, Mapping
 from absl import logging
 import jax
 import ml_collections
+
+from experiments import config_lib
 
 CHECKPOINT_DIR = "checkpoints"
 RESUME_LOG = "resume_log.jsonl"
@@ -93,17 +95,6 @@ def _is_safe(key: str) -> bool:
   return False
 
 
-def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """``{"a.b.c": leaf}`` for a nested mapping (a config's ``to_dict()`` or its JSON)."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(flat_keys(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as JSON data (tuples become lists), as saved in config.json and checkpoints."""
   return json.loads(json.dumps(config.to_dict(), sort_keys=True))
@@ -116,7 +107,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
   ``blocking`` lists the fields outside :data:`RESUME_SAFE_FIELDS` (a field present in only one
   of the two configs counts as differing, shown as ``<absent>``).
   """
-  a, b = flat_keys(saved), flat_keys(current)
+  a, b = config_lib.flatten_config(saved), config_lib.flatten_config(current)
   blocking, safe = [], []
   for key in sorted(set(a) | set(b)):
     va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
@@ -241,8 +232,13 @@ def make_manager(config: ml_collections.ConfigDict, workdir: str):
   mgr = convergence.TieredCheckpointManager(
       checkpoint_dir(workdir), retention=retention, save_interval_steps=int(c.every),
       async_save=bool(c.async_save))
-  # async_save: the manager's calls also leave the training thread (BackgroundManager).
-  return BackgroundManager(mgr) if c.async_save else mgr
+  # async_save: the manager's calls also leave the training thread (BackgroundManager), in a
+  # one-process run only. With several processes a save runs collectives (Orbax's barriers, the
+  # exchange of the checksum digests) that must stay in the same order as the training step's
+  # collectives on every process, i.e. on the main thread; Orbax still writes in the background.
+  if c.async_save and jax.process_count() == 1:
+    return BackgroundManager(mgr)
+  return mgr
 
 
 class BackgroundManager:
@@ -256,6 +252,9 @@ class BackgroundManager:
   which keeps the manager's one-thread rule and its step ordering. An error of a queued
   save is raised by the next call that waits (``close`` included), as Orbax's asynchronous
   errors are.
+
+  One-process runs only (``make_manager``): with several processes the manager's calls run
+  collectives, which must not leave the main thread.
 
   The arrays handed to ``save`` must not change afterwards: JAX arrays are immutable and the
   runner does not donate buffers, so the state of step s stays valid while step s+1 runs.
@@ -347,35 +346,6 @@ def restore(mgr, target, *, max_step: int, workdir: str):
   return restored
 
 
-def truncate_metrics(path: str, step: int) -> list[str]:
-  """Keeps the lines of ``metrics.jsonl`` whose ``step`` is below ``step``; returns them.
-
-  Lines are kept verbatim (no re-serialisation, so bytes are unchanged); an unparsable line
-  (a write torn by a kill) is dropped. The file is replaced atomically.
-  """
-  if not os.path.exists(path):
-    logging.warning("resuming without %s: rows before the restored step are missing", path)
-    return []
-  kept = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if not line.endswith("\n"):
-        continue  # torn last line
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue
-      if int(row.get("step", -1)) < step:
-        kept.append(line)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(kept)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  return kept
-
-
 def log_resume(workdir: str, entry: Mapping[str, Any]) -> None:
   """Appends one JSON line to ``workdir/resume_log.jsonl`` (audit trail of resumes)."""
   entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -394,3 +364,19 @@ def versions() -> dict[str, str]:
     except md.PackageNotFoundError:
       pass
   return out
+
+
+def restore_checked(config, workdir: str, mgr, target, data_info):
+  """Restores the newest verified checkpoint at or below ``config.num_steps`` and checks that
+  its config and data agree with the current ones (raising :class:`ResumeRefused` if not).
+
+  Returns ``(restored, changed)``: the restored checkpoint and the config fields that changed
+  in a resume-safe way. Shared by the trainer's and the distillation runner's resume.
+  """
+  restored = restore(mgr, abstract(target), max_step=config.num_steps, workdir=workdir)
+  meta = restored.metadata
+  changed = check_config(meta["config"], config, workdir=workdir,
+                         where=f"checkpoint at step {restored.step}")
+  check_data(meta["data"], data_info, workdir=workdir,
+             allow=config.checkpoint.allow_config_change)
+  return restored, changed

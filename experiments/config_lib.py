@@ -1,10 +1,15 @@
 """The experiment config schema: every field, its default, and validation with clear errors.
 
 Config files (``configs/*.py``) start from :func:`default_config` and set what their experiment
-needs, so every run's ``config.json`` lists every field. :func:`validate_config` checks the
-result at the boundary of :func:`experiments.trainer.train_and_evaluate`: an unknown key, a
-wrong type, a name outside an enumeration or a value out of range fails with a message naming
-the field and the accepted values.
+needs, so every run's ``config.json`` lists every field; a distillation config
+(``default_config(distill=True)``) also has the ``distill`` block of :func:`_distill_fields`.
+:func:`validate_config` checks the result at the boundary of the runners
+(``experiments.trainer.train_and_evaluate``, ``experiments.distillation.distill_and_evaluate``)
+and of the command line: an unknown key, a wrong type, a name outside an enumeration or a value
+out of range fails with a message naming the field and the accepted values.
+
+This module imports no runner and no JAX, so ``python -m experiments.run --dry_run`` validates
+a config without starting either.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -30,17 +35,57 @@ ANOMALY_REASONS = ("nonfinite", "spike", "level_shift", "unstable_lr")  # conver
 PRECISION_DTYPES = ("float32", "bfloat16")
 LOSS_SCALES = ("none", "dynamic")  # or a positive number as a string: a static scale
 
+# The distillation experiment (``distill`` block). A method names its loss terms; the terms
+# themselves are computed by ``experiments.distill_objective`` (one entry per term there).
+DISTILL_METHODS = ("ce", "hinton", "features", "temporal", "fused")
+DISTILL_FUSIONS = ("fixed", "uncertainty", "gated")
+DISTILL_TERMS = ("ce", "kd", "features", "smoothness", "attention")
+METHOD_TERMS = {
+    "ce": ("ce",),
+    "hinton": ("ce", "kd"),
+    "features": ("ce", "kd", "features"),
+    "temporal": DISTILL_TERMS,
+    "fused": DISTILL_TERMS,  # the five terms of 'temporal' with a learned fusion
+}
+# distill.SLICES and distill.LOSS_KINDS, repeated here so that validating a config imports no
+# JAX (tests/experiments/test_experiment_config.py checks that they agree).
+FEATURE_SLICES = ("attn_out", "norm_out", "pre_act", "block_out")
+FEATURE_LOSSES = ("cosine", "mmd", "l1")
 
-def default_config() -> ml_collections.ConfigDict:
-  """Every config field with its default (a locked ConfigDict: typos raise on assignment)."""
+
+def default_config(distill: bool = False) -> ml_collections.ConfigDict:
+  """Every config field with its default (a locked ConfigDict: typos raise on assignment).
+
+  ``distill=True`` adds the ``distill`` block of the distillation experiment
+  (``configs/distill.py``, ``experiments.distillation``).
+  """
   c = ml_collections.ConfigDict()
+  for add in (_run_fields, _model_fields, _precision_fields, _data_fields, _optimizer_fields,
+              _schedule_fields, _probe_fields, _checkpoint_fields, _monitor_fields,
+              _parallel_fields):
+    add(c)
+  if distill:
+    _distill_fields(c)
+  return c.lock()
+
+
+def _run_fields(c: ml_collections.ConfigDict) -> None:
+  """The run: seed, length, batch, loss; logging, evaluation and plots."""
   c.seed = 0  # seeds the model initialisation, the data split/shuffle and the Lanczos probes
   c.num_steps = 100  # optimizer steps
   c.batch_size = 0  # examples per step; 0 = full batch (the whole training set every step)
   c.grad_accum_steps = 1  # split every batch into this many equal chunks (same maths, less memory)
   c.full_batch_examples = 0  # full-batch mode: use the first N training examples (0 = all)
   c.loss = "mse"  # 'mse' (0.5·‖f(x) − onehot‖², digits) or 'cross_entropy'; text uses cross_entropy
+  c.log_every = 1  # write metrics every N steps
+  c.eval_every = 100  # evaluate every N steps (and at the end); 0 = only at the end
+  c.eval_examples = 0  # evaluation examples/sequences (0 = the whole eval split)
+  c.progress_bar = True  # tqdm progress bar with loss and λ_c
+  c.plots = True  # write plots/*.png at the end (and on divergence)
 
+
+def _model_fields(c: ml_collections.ConfigDict) -> None:
+  """The network: an MLP (digits) or a decoder-only GPT (text)."""
   c.model = ml_collections.ConfigDict()
   c.model.name = "mlp"  # 'mlp' (digits) or 'gpt' (text)
   c.model.widths = (200, 200)  # mlp: hidden layer widths
@@ -50,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4  # gpt: attention heads (width must be divisible by it)
   c.model.mlp_ratio = 4  # gpt: block MLP hidden size / width
 
+
+def _precision_fields(c: ml_collections.ConfigDict) -> None:
+  """Mixed precision: compute dtype and loss scaling (``experiments.precision``)."""
   c.precision = ml_collections.ConfigDict()  # mixed precision (experiments.precision)
   c.precision.compute_dtype = "float32"  # 'float32' or 'bfloat16': the models' matrix products;
   #   parameters and optimizer state stay float32, losses are reduced in float32
@@ -61,6 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.precision.probe_dtype = "float32"  # compute dtype of the probes' forward passes (λ_c
   #   searches, HVPs); 'float32' whatever compute_dtype, 'bfloat16' only to study its error
 
+
+def _data_fields(c: ml_collections.ConfigDict) -> None:
+  """The dataset and its split."""
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # 'digits', 'code' (stdlib .py), 'prose' (pydoc topics), 'text', 'mix'
   c.data.eval_size = 297  # digits: held-out images (the rest, 1,500, are for training)
@@ -73,6 +124,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.path = ""  # text: a user text file or folder (data.name='text')
   c.data.code_fraction = 0.5  # mix: fraction of each batch (and of the loss) that is code
 
+
+def _optimizer_fields(c: ml_collections.ConfigDict) -> None:
+  """The optimizer and its hyperparameters."""
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"  # 'sgd', 'momentum' (heavy ball), 'adam', 'adamw'
   c.optimizer.learning_rate = 0.1  # peak learning rate η
@@ -83,6 +137,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0  # adamw: decoupled weight decay γ (matrices only)
   c.optimizer.grad_clip = 0.0  # clip the gradient's global norm to this (0 = off)
 
+
+def _schedule_fields(c: ml_collections.ConfigDict) -> None:
+  """The learning-rate schedule."""
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "constant"  # 'constant', 'warmup_cosine', 'warmup_stable_decay' (WSD)
   c.schedule.warmup_steps = 0  # linear warmup from η/warmup_steps to η
@@ -90,6 +147,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.schedule.decay_shape = "linear"  # WSD: 'linear' or 'cosine' decay
   c.schedule.end_fraction = 0.0  # final learning rate as a fraction of the peak
 
+
+def _probe_fields(c: ml_collections.ConfigDict) -> None:
+  """The curvature probes (λ_c in the optax chain; Lanczos λ_max, λ^PH)."""
   c.probe = ml_collections.ConfigDict()
   c.probe.critical = True  # λ_c probe inside the optax chain (before the learning-rate scale)
   c.probe.every = 1  # measure λ_c every N steps (state carries the last value in between)
@@ -102,6 +162,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.probe.preconditioned_every = 0  # adam/adamw: λ_max(P^-1/2 H P^-1/2) every N steps (0 = off)
   c.probe.relative_every = 0  # mix: the 2×2 relative-sharpness matrix every N steps (0 = off)
 
+
+def _checkpoint_fields(c: ml_collections.ConfigDict) -> None:
+  """Orbax checkpoints, retention tiers and resume."""
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True  # save checkpoints to workdir/checkpoints (Orbax, per-leaf SHA-256)
   c.checkpoint.every = 100  # save every N steps, and always at the end of the run
@@ -116,6 +179,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint.allow_config_change = False  # resume even if fields that change the maths differ
   #   from the saved config (default: refuse, listing them)
 
+
+def _monitor_fields(c: ml_collections.ConfigDict) -> None:
+  """The convergence monitor: evidence, anomaly detection, emergency saves, rollback."""
   c.monitor = ml_collections.ConfigDict()  # convergence monitor (experiments.monitoring)
   c.monitor.enabled = True  # anomaly detector + evidence windows + Bayesian network every step
   c.monitor.metrics = (  # evidence: "<metric> node=<node> [mode=min|max] [short=N] [long=N]
@@ -158,6 +224,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.monitor.audit_every = 10  # audit.jsonl: a decision line every N steps, and at every change
   #   of decision, conflict, anomaly or checkpoint tier
 
+
+def _parallel_fields(c: ml_collections.ConfigDict) -> None:
+  """Device mesh, several hosts, and test-only hooks."""
   c.mesh = ml_collections.ConfigDict()  # device mesh (experiments.sharding); () = one device
   c.mesh.shape = ()  # mesh axis sizes, e.g. (8,) or (2, 4); one -1 = the remaining devices;
   #   () = no mesh. The batch is split over all axes; on a CPU simulate devices with
@@ -166,29 +235,69 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.layout = "data_parallel"  # 'data_parallel' (state replicated) or 'fsdp' (parameters
   #   and optimizer state split along each leaf's largest divisible dimension)
   c.mesh.fsdp_axis = ""  # fsdp: the mesh axis the state is split over ("" = the last axis)
-
   c.distributed = ml_collections.ConfigDict()  # several hosts (jax.distributed)
   c.distributed.initialize = False  # call jax.distributed.initialize() before anything else
   c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = from the environment
   c.distributed.num_processes = 0  # number of processes; 0 = from the environment
   c.distributed.process_id = -1  # this process's index; -1 = from the environment
-
   c.debug = ml_collections.ConfigDict()  # test-only hooks; leave at their defaults
   c.debug.nan_at_step = -1  # make the training loss and gradients of step N NaN (-1 = off)
 
-  c.log_every = 1  # write metrics every N steps
-  c.eval_every = 100  # evaluate every N steps (and at the end); 0 = only at the end
-  c.eval_examples = 0  # evaluation examples/sequences (0 = the whole eval split)
-  c.progress_bar = True  # tqdm progress bar with loss and λ_c
-  c.plots = True  # write plots/*.png at the end (and on divergence)
-  return c.lock()
+
+def _distill_fields(c: ml_collections.ConfigDict) -> None:
+  """The distillation experiment: loss terms, fusion, adaptive controller and the teacher."""
+  c.distill = ml_collections.ConfigDict()
+  d = c.distill
+  d.method = "hinton"  # which loss terms (METHOD_TERMS): 'ce', 'hinton' (ce + kd), 'features'
+  #   (+ features), 'temporal' (+ smoothness + attention), 'fused' (temporal's five terms with
+  #   a learned fusion)
+  d.fusion = "fixed"  # 'fixed' (the weights below), 'uncertainty' (Kendall et al. 2018) or
+  #   'gated' (distill.GatedFusion: a gating MLP from runtime features to softmax weights,
+  #   trained with the student); method 'fused' needs a learned one
+  d.teacher_dir = ""  # "" = train the teacher into <workdir>/teacher; else a run directory
+  #   written by the runner (config.json + checkpoints/) to load the teacher from
+  d.temperature = 2.0  # softmax temperature T of the soft-target KL (T² factor explicit)
+  d.alpha = 0.5  # fixed fusion: weight of hard-label CE; the KL gets 1 − alpha (Hinton)
+  d.feature_weight = 0.1  # fixed fusion: weight of the feature loss
+  d.smoothness_weight = 0.01  # fixed fusion: weight of the student's hidden-state smoothness
+  d.attention_weight = 0.01  # fixed fusion: weight of the attention-evolution loss
+  d.feature_slices = "attn_out=cosine,norm_out=cosine,pre_act=mmd,block_out=l1"  # slice=loss
+  #   pairs of distill.FeatureDistiller (slices FEATURE_SLICES, losses FEATURE_LOSSES; mmd uses
+  #   median-heuristic bandwidths)
+  d.attention_window = 4  # steps per attention-evolution matrix (current + 3 previous)
+  d.gate = ml_collections.ConfigDict()  # fusion='gated' (distill.GatedFusion)
+  d.gate.hidden = 32  # hidden width of the gating MLP
+  d.gate.min_weight = 0.05  # floor on every term's weight (< 1/K): no term is starved
+  d.gate.temperature = 1.0  # softmax temperature of the gate
+  d.gate.entropy_weight = 0.0  # bonus on the entropy of the weights (0 = none)
+  d.adaptive = False  # the adaptive controller (distill.adaptive_controller)
+  d.controller = ml_collections.ConfigDict()  # adaptive=True (experiments.distill_controller)
+  d.controller.every = 10  # steps between controller evaluations (fixed eval batch + interval)
+  d.controller.window = 10  # stage transition: evaluations the core metrics must stay ...
+  d.controller.rtol = 0.003  # ... within this fraction of their mean (0.3%)
+  d.controller.num_stages = 3  # stages 0..num_stages-1
+  d.controller.stage_decay = 0.5  # each stage multiplies the non-CE terms by this
+  d.controller.gap_threshold = 0.1  # eval CE − train CE above this (nats) raises the kd weight
+  d.controller.gap_factor = 1.25  # ... by this factor per evaluation
+  d.controller.max_scale = 4.0  # controller weights stay in [1/max_scale, max_scale]
+  d.controller.clip_spread = 4.0  # per-layer clipping when max/mean layer grad norm exceeds this
+  d.controller.stall_ratio = 1e-4  # a layer group whose ‖Δθ‖/‖θ‖ per step stays below this ...
+  d.controller.stall_patience = 3  # ... for this many evaluations restarts its LR schedule
+  d.teacher = ml_collections.ConfigDict()  # the teacher (trained first unless teacher_dir)
+  d.teacher.depth = 4  # teacher blocks
+  d.teacher.width = 128  # teacher model dimension
+  d.teacher.num_heads = 4  # teacher attention heads
+  d.teacher.mlp_ratio = 4  # teacher MLP hidden = mlp_ratio × width
+  d.teacher.num_steps = 600  # teacher optimizer steps (trained with the base optimizer)
+  d.teacher.learning_rate = 3e-3  # teacher peak η
 
 
-def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"a.b.c": leaf}`` for a ``ConfigDict`` or a nested mapping (a config's JSON)."""
   out = {}
   for key, value in cfg.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_flatten(value, f"{prefix}{key}."))
+    if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+      out.update(flatten_config(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out
@@ -210,11 +319,31 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   """Check ``config`` against :func:`default_config` and return the resolved config.
 
   Missing fields take their defaults; unknown fields, wrong types, names outside the accepted
-  enumerations and out-of-range values raise ``ValueError`` naming the field.
+  enumerations and out-of-range values raise ``ValueError`` naming the field. A config with a
+  ``distill`` block is checked against ``default_config(distill=True)`` and the distillation
+  experiment's own constraints (:func:`_validate_distill`).
   """
-  defaults = default_config()
-  flat_default = _flatten(defaults)
-  flat = _flatten(config)
+  resolved = _resolve(config, default_config(distill="distill" in config))
+  f = flatten_config(resolved)
+
+  def need(cond: bool, key: str, what: str):
+    if not cond:
+      raise ValueError(f"config.{key}={f[key]!r}: {what}.")
+
+  _validate_enums(f)
+  _validate_ranges(f, need)
+  _validate_monitor(f, need)
+  _validate_consistency(f, need)
+  if "distill" in config:
+    _validate_distill(f, need)
+  return resolved.lock()
+
+
+def _resolve(config: ml_collections.ConfigDict,
+             defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``defaults`` with the values of ``config``: unknown keys and wrong types raise."""
+  flat_default = flatten_config(defaults)
+  flat = flatten_config(config)
   unknown = sorted(set(flat) - set(flat_default))
   if unknown:
     key = unknown[0]
@@ -243,7 +372,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
       for p in parents:
         node = node[p]
       node[leaf] = value
-  f = _flatten(resolved)
+  return resolved
+
+
+def _validate_enums(f: dict[str, Any]) -> None:
+  """Names that must come from an enumeration (optimizer, schedule, model, data, ...)."""
   _enum(f, "optimizer.name", OPTIMIZERS)
   _enum(f, "schedule.name", SCHEDULES)
   _enum(f, "schedule.decay_shape", DECAY_SHAPES)
@@ -256,11 +389,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _enum(f, "precision.compute_dtype", PRECISION_DTYPES)
   _enum(f, "precision.probe_dtype", PRECISION_DTYPES)
   _validate_loss_scale(f["precision.loss_scale"])
+  _enum(f, "mesh.layout", ("data_parallel", "fsdp"))
 
-  def need(cond: bool, key: str, what: str):
-    if not cond:
-      raise ValueError(f"config.{key}={f[key]!r}: {what}.")
 
+def _validate_ranges(f: dict[str, Any], need) -> None:
+  """Bounds of single fields (steps, rates, sizes, probe and checkpoint settings)."""
   need(f["num_steps"] >= 1, "num_steps", "must be >= 1")
   need(f["precision.initial_scale"] > 0, "precision.initial_scale", "must be > 0")
   need(f["precision.growth_interval"] >= 1, "precision.growth_interval", "must be >= 1")
@@ -304,8 +437,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     need(f[key] >= -1, key, "must be >= 0, or -1 to keep all")
   need(bool(f["checkpoint.candidate_metric"].strip()), "checkpoint.candidate_metric",
        "must name a metric, e.g. 'eval/loss'")
-  _validate_monitor(f, need)
-  _enum(f, "mesh.layout", ("data_parallel", "fsdp"))
+
+
+def _validate_consistency(f: dict[str, Any], need) -> None:
+  """Fields that constrain each other: mesh axes, probes vs optimizer, model vs data."""
   need(len(f["mesh.axis_names"]) == len(f["mesh.shape"]) or not f["mesh.shape"],
        "mesh.axis_names", f"must name each axis of mesh.shape={tuple(f['mesh.shape'])}")
   need(all(isinstance(s, int) and (s >= 1 or s == -1) for s in f["mesh.shape"])
@@ -327,7 +462,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
        "text data needs loss='cross_entropy'")
   need(f["data.name"] != "text" or bool(f["data.path"]), "data.path",
        "data.name='text' needs a file or folder path")
-  return resolved.lock()
 
 
 def _validate_loss_scale(value: str) -> None:
@@ -445,6 +579,79 @@ def _validate_monitor(f: dict[str, Any], need) -> None:
     parse_monitor_metric(spec, defaults)
 
 
+# distill.<field> -> accepted values (a tuple) or a range: 'positive' (> 0), 'nonneg' (>= 0),
+# 'unit' ([0, 1]). Types come from the defaults (_distill_fields).
+_DISTILL_CHECKS = {
+    "method": DISTILL_METHODS, "fusion": DISTILL_FUSIONS,
+    "temperature": "positive", "alpha": "unit", "feature_weight": "nonneg",
+    "smoothness_weight": "nonneg", "attention_weight": "nonneg", "attention_window": "positive",
+    "gate.hidden": "positive", "gate.min_weight": "nonneg", "gate.temperature": "positive",
+    "gate.entropy_weight": "nonneg",
+    "controller.every": "positive", "controller.window": "positive", "controller.rtol": "nonneg",
+    "controller.num_stages": "positive", "controller.stage_decay": "unit",
+    "controller.gap_factor": "positive", "controller.max_scale": "positive",
+    "controller.clip_spread": "positive", "controller.stall_ratio": "nonneg",
+    "controller.stall_patience": "positive",
+    "teacher.depth": "positive", "teacher.width": "positive", "teacher.num_heads": "positive",
+    "teacher.mlp_ratio": "positive", "teacher.num_steps": "positive",
+    "teacher.learning_rate": "positive",
+}
+_RANGES = {"positive": (lambda v: v > 0, "must be > 0"),
+           "nonneg": (lambda v: v >= 0, "must be >= 0"),
+           "unit": (lambda v: 0 <= v <= 1, "must be in [0, 1]")}
+
+
+def parse_feature_slices(spec: str) -> dict[str, str]:
+  """``"attn_out=cosine,block_out=l1"`` → ``{"attn_out": "cosine", "block_out": "l1"}``.
+
+  The value of ``config.distill.feature_slices``: slices from :data:`FEATURE_SLICES`, losses
+  from :data:`FEATURE_LOSSES`. Raises ``ValueError`` naming the bad entry.
+  """
+  out = {}
+  for part in (p.strip() for p in spec.split(",") if p.strip()):
+    name, _, kind = part.partition("=")
+    if name not in FEATURE_SLICES or kind not in FEATURE_LOSSES:
+      raise ValueError(f"config.distill.feature_slices entry {part!r} must be <slice>=<loss> "
+                       f"with slice in {list(FEATURE_SLICES)} and loss in "
+                       f"{list(FEATURE_LOSSES)}.")
+    out[name] = kind
+  if not out:
+    raise ValueError("config.distill.feature_slices names no slice.")
+  return out
+
+
+def _validate_distill(f: dict[str, Any], need) -> None:
+  """The ``distill`` block: enumerations, ranges, and what the distillation runner needs."""
+  for field, check in _DISTILL_CHECKS.items():
+    key = f"distill.{field}"
+    if isinstance(check, tuple):
+      _enum(f, key, check)
+    else:
+      ok, what = _RANGES[check]
+      need(ok(f[key]), key, what)
+  need(f["model.name"] == "gpt" and f["data.name"] in ("code", "prose", "text"), "data.name",
+       "distillation needs model.name='gpt' and a single text corpus ('code', 'prose', 'text')")
+  need(f["batch_size"] > 0, "batch_size", "distillation needs mini-batches (batch_size > 0)")
+  need(f["grad_accum_steps"] == 1, "grad_accum_steps",
+       "the distillation step does not accumulate gradients; use 1")
+  method, fusion = f["distill.method"], f["distill.fusion"]
+  need(method != "fused" or fusion != "fixed", "distill.fusion",
+       "method='fused' needs a learned fusion, 'gated' or 'uncertainty' (method='temporal' is "
+       "the same five terms with fixed weights)")
+  k = len(METHOD_TERMS[method])
+  need(fusion != "gated" or f["distill.gate.min_weight"] < 1.0 / k, "distill.gate.min_weight",
+       f"must be below 1/K = {1.0 / k:.4g} for the K={k} terms of method {method!r}")
+  need(not (f["distill.adaptive"] and f["probe.critical"]), "probe.critical",
+       "distill.adaptive=True replaces the learning-rate scale by per-layer rates, which the "
+       "λ_c probe cannot read; turn one of them off")
+  need(f["schedule.warmup_steps"] < f["distill.teacher.num_steps"], "distill.teacher.num_steps",
+       f"must exceed schedule.warmup_steps={f['schedule.warmup_steps']} (the teacher trains "
+       "on the same schedule)")
+  need(f["distill.controller.max_scale"] >= 1.0, "distill.controller.max_scale",
+       "must be >= 1 (weights are clipped to [1/max_scale, max_scale])")
+  parse_feature_slices(f["distill.feature_slices"])
+
+
 def config_module(path: str):
   """The module of a config file, executed (its ``get_config`` not called)."""
   name = "_losslab_config_" + "".join(
@@ -466,7 +673,7 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collec
     raise FileNotFoundError(f"config file {path!r} does not exist.")
   module = config_module(path)
   config = module.get_config(arg) if arg else module.get_config()
-  flat_known = _flatten(config)
+  flat_known = flatten_config(config)
   for key, value in (overrides or {}).items():
     if key not in flat_known:
       raise ValueError(f"unknown config key 'config.{key}'.{_suggest(key, flat_known)}")
@@ -476,7 +683,4 @@ def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collec
       node = node[p]
     with config.unlocked():
       node[leaf] = value
-  if "distill" in config:  # the distillation experiment validates its own block
-    from experiments import distillation  # pylint: disable=g-import-not-at-top
-    return distillation.validate(config)
   return validate_config(config)

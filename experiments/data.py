@@ -1,6 +1,6 @@
 """Deterministic, seeded data for the experiments: digits images and character corpora.
 
-Every dataset here is built from files every machine already has (REFERENCES.md §6):
+Every dataset here is built from files every machine already has (nothing is downloaded):
 
 * ``digits`` — scikit-learn's ``load_digits`` (1,797 8×8 images, 10 classes); features
   standardised with train-split statistics; one-hot targets (for MSE) and integer labels.

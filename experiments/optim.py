@@ -24,56 +24,55 @@ import curvature
 Schedule = Callable[[jax.Array], jax.Array]
 
 
-def _warmup(peak: float, warmup_steps: int, step: jax.Array) -> jax.Array:
-  # Starts at η/W, not 0: a zero learning rate wastes a step and makes 2/η infinite.
-  if warmup_steps <= 0:
-    return jnp.asarray(peak, jnp.float32)
-  return peak * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+def _warmup(peak: float, warmup_steps: int) -> Schedule:
+  # Starts at η/W, not 0: a zero learning rate wastes a step and makes 2/η infinite. (optax's
+  # linear_schedule from 0 would start at 0, hence this piece of our own.)
+  return lambda step: peak * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+
+
+def _cosine(peak: float, end: float, steps: int) -> Schedule:
+  """``end + (peak - end)·½(1 + cos(π·min(t, T)/T))`` with ``T = steps``."""
+  return optax.cosine_decay_schedule(peak, steps, alpha=end / peak if peak else 0.0)
 
 
 def make_schedule(config) -> Schedule:
   """The learning-rate schedule ``step -> η(step)`` named by ``config.schedule.name``.
 
+  With W = ``warmup_steps``, every schedule starts with the linear warmup
+  ``η·min(1, (t+1)/W)`` (none when W = 0) and continues, via ``optax.join_schedules``, with:
+
   * ``constant``: η.
-  * ``warmup_cosine``: linear warmup over ``warmup_steps`` to η, then cosine decay to
-    ``end_fraction·η`` at ``num_steps``.
-  * ``warmup_stable_decay`` (WSD): linear warmup, flat at η, then a linear or cosine decay to
+  * ``warmup_cosine``: cosine decay from η at step W to ``end_fraction·η`` at ``num_steps``.
+  * ``warmup_stable_decay`` (WSD): flat at η, then a linear or cosine decay to
     ``end_fraction·η`` over the last ``decay_fraction`` of the run.
+
+  The step is taken as float32 and η(t) is a float32 scalar.
   """
   peak = float(config.optimizer.learning_rate)
   s = config.schedule
   total = int(config.num_steps)
-  warm = int(s.warmup_steps)
+  warm = max(int(s.warmup_steps), 0)
   end = peak * float(s.end_fraction)
 
   if s.name == "constant":
-    return lambda step: _warmup(peak, warm, jnp.asarray(step, jnp.float32))
-
-  if s.name == "warmup_cosine":
-    def cosine(step):
-      step = jnp.asarray(step, jnp.float32)
-      frac = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
-      decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-      return jnp.where(step < warm, _warmup(peak, warm, step), decayed)
-    return cosine
-
-  if s.name == "warmup_stable_decay":
+    pieces, boundaries = [optax.constant_schedule(peak)], []
+  elif s.name == "warmup_cosine":
+    pieces, boundaries = [_cosine(peak, end, max(total - warm, 1))], []
+  elif s.name == "warmup_stable_decay":
     decay_start = total - max(1, int(round(float(s.decay_fraction) * total)))
     decay_start = max(decay_start, warm)
-    shape = s.decay_shape
-
-    def wsd(step):
-      step = jnp.asarray(step, jnp.float32)
-      frac = jnp.clip((step - decay_start) / max(total - decay_start, 1), 0.0, 1.0)
-      if shape == "linear":
-        decayed = peak + (end - peak) * frac
-      else:
-        decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-      return jnp.where(step < warm, _warmup(peak, warm, step), decayed)
-    return wsd
-
-  raise ValueError(f"schedule.name={s.name!r} is not one of "
-                   "['constant', 'warmup_cosine', 'warmup_stable_decay'].")
+    steps = max(total - decay_start, 1)
+    decay = (optax.linear_schedule(peak, end, steps) if s.decay_shape == "linear"
+             else _cosine(peak, end, steps))
+    pieces, boundaries = [optax.constant_schedule(peak), decay], [decay_start - warm]
+  else:
+    raise ValueError(f"schedule.name={s.name!r} is not one of "
+                     "['constant', 'warmup_cosine', 'warmup_stable_decay'].")
+  if warm:
+    pieces, boundaries = [_warmup(peak, warm)] + pieces, [0] + boundaries
+    boundaries = [b + warm for b in boundaries]
+  schedule = optax.join_schedules(pieces, boundaries)
+  return lambda step: jnp.asarray(schedule(jnp.asarray(step, jnp.float32)), jnp.float32)
 
 
 def _matrices_only(params):

@@ -1,6 +1,6 @@
 """Plots of a run directory, made from ``metrics.jsonl`` (never inside jit).
 
-``python -m experiments.plots RUN_DIR`` (or ``--workdir=RUN_DIR``; from Python
+``python -m experiments.plots --workdir=RUN_DIR`` (or ``RUN_DIR``; from Python
 :func:`make_plots`) writes
 
 * ``plots/sharpness.png`` — λ_c, λ_dir, λ_max and λ^PH against the step (log scale) with the
@@ -16,6 +16,8 @@
   shaded; the evidence strength of each monitored metric (signed: + stable/settled, − still
   moving); the training loss; anomalies (red) and checkpoint tier events from ``audit.jsonl``
   (saves, promotions, emergency saves) marked on every panel.
+* ``plots/distill.png`` (distillation runs, instead of the plots above) — the loss terms, the
+  student's eval loss against the teacher's, and the fusion weight of each term.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from experiments.config_lib import DISTILL_TERMS  # pylint: disable=wrong-import-position
+
 SERIES = (  # key, label, colour, style
     ("curv/critical_sharpness", r"$\lambda_c$ (critical)", "C0", "-"),
     ("curv/directional_sharpness", r"$\lambda_{dir}$ (directional)", "C4", "-"),
@@ -44,7 +48,7 @@ CONVERGED_KEYS = {"curv/lambda_max": "curv/lambda_max_converged",
 
 
 # Status codes of curvature.critical_sharpness (kept here so plotting needs no JAX).
-_STATUS_NO_RISE, _STATUS_NOT_DESCENT, _STATUS_NONFINITE = 2, 3, 4
+_STATUS_NO_RISE, _STATUS_NOT_DESCENT, _STATUS_NONFINITE, _STATUS_UNRESOLVED = 2, 3, 4, 5
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -210,7 +214,8 @@ def plot_relative(rows, config: dict, path: str, title: str = "") -> None:
       for code, y, marker, label in (
           (_STATUS_NOT_DESCENT, 0.96, "x", "loss rises at every step size (conflict)"),
           (_STATUS_NO_RISE, 0.04, "v", "loss never rises"),
-          (_STATUS_NONFINITE, 0.5, "*", "non-finite")):
+          (_STATUS_NONFINITE, 0.5, "*", "non-finite"),
+          (_STATUS_UNRESOLVED, 0.5, "d", "below the loss dtype's resolution")):
         hit = st_steps[st == code]
         if hit.size:
           ax.plot(hit, np.full(hit.size, y), marker, color="C3", ms=6, ls="none",
@@ -238,20 +243,6 @@ TIER_COLOURS = {"preliminary": "0.55", "observation": "C0", "candidate": "C2",
                 "release": "C3"}
 
 
-def read_audit(run_dir: str) -> list[dict[str, Any]]:
-  """The records of ``run_dir/audit.jsonl`` ([] if absent; a torn last line is skipped)."""
-  path = os.path.join(run_dir, "audit.jsonl")
-  out = []
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError:
-          break
-  return out
-
-
 def _spans(steps: np.ndarray, on: np.ndarray) -> list[tuple[float, float]]:
   """Contiguous ``[start, end]`` step ranges where ``on`` holds."""
   spans, begin = [], None
@@ -270,6 +261,24 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
   """Posterior per node, evidence per metric, loss; anomalies and tier events marked."""
   fig, (axp, axe, axl) = plt.subplots(
       3, 1, figsize=(9.5, 9.5), sharex=True, gridspec_kw={"height_ratios": [2.2, 1.8, 1.2]})
+  _posterior_panel(axp, rows, config.get("monitor", {}))
+  axp.set_title(title + "\nconvergence monitor", fontsize=10)
+  _evidence_panel(axe, rows)
+  _loss_panel(axl, rows)
+  _mark_dynamics(axp, axe, axl, rows)
+  _mark_tier_events(axp, (axp, axe, axl), audit)
+  for ax in (axp, axe, axl):
+    ax.grid(True, alpha=0.25)
+  axp.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+  axe.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+  axl.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _posterior_panel(axp, rows, mon: dict) -> None:
+  """P(node settled) per network node, the thresholds, conflicts and the decision."""
   colours = {"structural": "C0", "functional": "C1", "generalisation": "C2",
              "converged": "k"}
   for node in NODES:
@@ -277,7 +286,6 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
     if st.size:
       axp.plot(st, v, color=colours[node], lw=2.0 if node == "converged" else 1.2,
                label=f"P({node})")
-  mon = config.get("monitor", {})
   thr = mon.get("threshold")
   if thr is not None:
     axp.axhline(thr, color="k", ls="--", lw=0.8, label=f"decision threshold {thr:g}")
@@ -293,8 +301,10 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
                 label="decision: converged" if i == 0 else None)
   axp.set_ylim(-0.03, 1.03)
   axp.set_ylabel("posterior P(node settled)")
-  axp.set_title(title + "\nconvergence monitor", fontsize=10)
 
+
+def _evidence_panel(axe, rows) -> None:
+  """Signed evidence strength per monitored metric (+ stable / − moving)."""
   metrics = sorted({k[len("monitor/strength/"):] for r in rows for k in r
                     if k.startswith("monitor/strength/")})
   for i, name in enumerate(metrics):
@@ -309,6 +319,9 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
   axe.set_ylim(-1.05, 1.05)
   axe.set_ylabel("evidence strength\n+ stable / − moving")
 
+
+def _loss_panel(axl, rows) -> None:
+  """Training and evaluation loss (log scale)."""
   for key, label, colour in (("train/loss", "train loss", "C0"),
                              ("eval/loss", "eval loss", "C1")):
     st, v = series(rows, key, positive=True)
@@ -319,6 +332,9 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
   axl.set_ylabel("loss")
   axl.set_xlabel("step")
 
+
+def _mark_dynamics(axp, axe, axl, rows) -> None:
+  """Edge-of-stability spans, unsettled dynamics and anomalies on the panels."""
   # Edge-of-stability oscillation: light orange spans on every panel; unsettled dynamics (a
   # level shift or η·λ_c above the limit inside the evidence window, which block "converged"):
   # a grey strip along the bottom of the posterior panel.
@@ -338,6 +354,10 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
     for j, a in enumerate(anomalies):
       ax.axvline(a, color="red", lw=0.8, alpha=0.5,
                  label="anomaly" if (j == 0 and ax is axl) else None)
+
+
+def _mark_tier_events(axp, axes, audit: list[dict]) -> None:
+  """Checkpoint saves, promotions and emergency saves from the audit log."""
   # Tier events: saves and promotions of checkpoints, coloured by tier, at the step they
   # happened (a save of checkpoint s happens after loop step s − 1).
   seen = set()
@@ -354,7 +374,7 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
              label=None if label in seen else label)
     seen.add(label)
     if ev == "promotion":
-      for ax in (axp, axe, axl):
+      for ax in axes:
         ax.axvline(x, color=TIER_COLOURS.get(tier, "k"), ls="--", lw=0.9, alpha=0.7)
   for rec in audit:
     if rec.get("event") == "anomaly" and rec.get("emergency_checkpoint"):
@@ -362,13 +382,63 @@ def plot_convergence(rows, audit: list[dict], config: dict, path: str, title: st
       axp.plot([rec["step"]], [1.0], "*", color="red", ms=11, ls="none", clip_on=False,
                transform=axp.get_xaxis_transform(), label=None if label in seen else label)
       seen.add(label)
-  for ax in (axp, axe, axl):
-    ax.grid(True, alpha=0.25)
-  axp.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
-  axe.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
-  axl.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+
+
+def plot_distillation(rows, config: dict, path: str) -> None:
+  """A distillation run: the loss terms over steps, the student's eval loss against the
+  teacher's, and the fusion weight of each term (the gate's batch means for
+  ``fusion='gated'``; dashed: the adaptive controller's scales)."""
+  fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))
+  for key in ["train/loss"] + [f"distill/{t}" for t in DISTILL_TERMS]:
+    s, v = series(rows, key)
+    if len(s):
+      a1.plot(s, v, label=key, lw=1)
+  a1.set_yscale("symlog", linthresh=1e-3)
+  a1.set_title("training objective and its terms")
+  for key, label in (("eval/loss", "student eval CE"),
+                     ("distill/teacher_eval_loss", "teacher eval CE")):
+    s, v = series(rows, key)
+    if len(s):
+      a2.plot(s, v, "o-", label=label, ms=3)
+  a2.set_title("eval cross-entropy (nats/char)")
+  for t in DISTILL_TERMS:
+    s, v = series(rows, f"distill/weight/{t}")
+    if len(s):
+      a3.plot(s, v, label=t, lw=1)
+    s, v = series(rows, f"distill/scale/{t}")
+    if len(s):
+      a3.plot(s, v, ls="--", lw=1, label=f"controller scale {t}")
+  a3.set_title("fusion weight per term")
+  for ax in (a1, a2, a3):
+    ax.set_xlabel("step")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  d = config.get("distill", {})
+  fig.suptitle(f"distillation: method={d.get('method')}, fusion={d.get('fusion')}, "
+               f"adaptive={d.get('adaptive')}")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_comparison(results: dict[str, dict], path: str) -> None:
+  """Bars of student eval loss and perplexity per preset of a distillation comparison
+  (``experiments.distillation.compare``), the teacher as a dashed line."""
+  names = list(results)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  for ax, key, tkey in ((axes[0], "eval/loss", "teacher/eval_loss"),
+                        (axes[1], "eval/perplexity", "teacher/eval_perplexity")):
+    vals = [results[n][key] for n in names]
+    bars = ax.bar(names, vals, color="tab:blue")
+    ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.axhline(results[names[0]][tkey], color="k", ls="--", label="teacher")
+    lo = min(vals + [results[names[0]][tkey]])
+    ax.set_ylim(lo * 0.95, max(vals) * 1.02)
+    ax.set_title(f"student {key}")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
@@ -380,7 +450,10 @@ def make_plots(run_dir: str) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   title = _title(run_dir, config)
   paths = []
-  if rows:
+  if rows and "distill" in config:
+    paths.append(os.path.join(out_dir, "distill.png"))
+    plot_distillation(rows, config, paths[-1])
+  elif rows:
     paths.append(os.path.join(out_dir, "sharpness.png"))
     plot_sharpness(rows, config, paths[-1], title)
     if relative_keys(rows):
@@ -388,44 +461,50 @@ def make_plots(run_dir: str) -> list[str]:
       plot_relative(rows, config, paths[-1], title)
     if any("monitor/p_converged" in r for r in rows):
       paths.append(os.path.join(out_dir, "convergence.png"))
-      plot_convergence(rows, read_audit(run_dir), config, paths[-1], title)
+      # records (the audit reader of every runner) imports JAX: only this plot needs it.
+      from experiments import records  # pylint: disable=g-import-not-at-top
+      plot_convergence(rows, records.read_audit(run_dir), config, paths[-1], title)
   return paths
 
 
-def main(argv: list[str]) -> int:
-  """``python -m experiments.plots RUN_DIR`` (or ``--workdir=RUN_DIR``): print the PNG paths.
+_USAGE = "usage: python -m experiments.plots --workdir=RUN_DIR (or RUN_DIR; --help for more)."
 
-  ``argv`` is the program name followed by the positional arguments; returns the exit status
-  (1 with a one-line message on stderr when there is no run directory to plot).
+
+def main(argv: list[str]) -> None:
+  """absl main of ``python -m experiments.plots --workdir=RUN_DIR``: prints the PNG paths.
+
+  ``argv``: the program name and the positional arguments (``RUN_DIR`` may be given as one,
+  instead of ``--workdir``). A missing or unplottable run directory exits with status 1 and a
+  one-line message.
   """
-  run_dirs = list(argv[1:])
+  workdir = None if _WORKDIR is None else _WORKDIR.value
+  run_dirs = list(argv[1:]) + ([workdir] if workdir else [])
   if len(run_dirs) != 1:
-    got = "no run directory" if not run_dirs else f"{len(run_dirs)} arguments {run_dirs}"
-    print(f"usage error: got {got}; usage: python -m experiments.plots RUN_DIR "
-          "(--help for more).", file=sys.stderr)
-    return 1
+    got = "no run directory" if not run_dirs else f"{len(run_dirs)} run directories {run_dirs}"
+    sys.exit(f"usage error: got {got}; {_USAGE}")
   run_dir = run_dirs[0]
   if not os.path.isdir(run_dir):
-    print(f"plots error: run directory {run_dir!r} "
-          f"{'is not a directory' if os.path.exists(run_dir) else 'does not exist'}.",
-          file=sys.stderr)
-    return 1
+    sys.exit(f"plots error: run directory {run_dir!r} "
+             f"{'is not a directory' if os.path.exists(run_dir) else 'does not exist'}.")
   if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-    print(f"plots error: no metrics.jsonl in {run_dir!r} (not a run directory of "
-          "python -m experiments.run?).", file=sys.stderr)
-    return 1
+    sys.exit(f"plots error: no metrics.jsonl in {run_dir!r} (not a run directory of "
+             "python -m experiments.run?).")
   for p in make_plots(run_dir):
     print(p)
-  return 0
+
+
+_WORKDIR = None  # the --workdir flag, defined by _cli (experiments.run defines its own)
 
 
 def _cli() -> None:
-  """absl entry point: ``--help`` prints this module's docstring and the flags (exit 0)."""
+  """absl entry point: ``--help`` prints this module's docstring and the flags (exit 0); a
+  bad flag exits 1 with one line."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  # Defined here, not at import: experiments.run, which imports this module through the
-  # trainer, defines its own --workdir.
-  workdir = flags.DEFINE_string("workdir", None, "Run directory to plot (or pass it as RUN_DIR).")
+  global _WORKDIR
+  # Defined here, not at import: the trainer imports this module, and a program that imports
+  # the trainer may define its own --workdir.
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to plot (or pass it as RUN_DIR).")
 
   def parse(argv: list[str]) -> list[str]:
     if any(a.split("=", 1)[0] in ("-h", "--help", "-help", "--helpshort", "-?", "--helpfull")
@@ -435,10 +514,9 @@ def _cli() -> None:
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
-      sys.exit(f"flag error: {e}\nusage: python -m experiments.plots RUN_DIR (--help for more).")
+      sys.exit(f"flag error: {e}; {_USAGE}")
 
-  app.run(lambda argv: main(argv + ([workdir.value] if workdir.value else [])),
-          flags_parser=parse)
+  app.run(main, flags_parser=parse)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ Why not ``jmp`` (google-deepmind/jmp, whose design this follows: ``scale``/``uns
 the fix, pull request #44, was closed without being merged). Its three classes also have
 different pytree structures (the no-op and static scales have no leaves), so a checkpoint would
 change shape with the mode. The mechanism is a few dozen lines; owning them costs less than a
-pin on an unmaintained package.
+pin on an unmaintained package. jmp's ``select_tree`` (skip a non-finite update) is upstream
+in optax as ``optax.tree.where``.
 
 Example:
 
@@ -145,19 +146,6 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def select_tree(pred: jax.Array, on_true: T, on_false: T) -> T:
-  """``on_true`` if the boolean scalar ``pred`` else ``on_false``, leaf by leaf.
-
-  Skips a non-finite update: ``params, opt_state = select_tree(finite, (new_params,
-  new_opt_state), (params, opt_state))``. Both trees must have one structure, shapes and dtypes.
-  """
-  pred = jnp.asarray(pred)
-  if pred.shape != () or pred.dtype != jnp.bool_:
-    raise ValueError(f"select_tree: pred must be a boolean scalar, got "
-                     f"{pred.dtype}{list(pred.shape)}.")
-  return jax.tree.map(lambda a, b: jax.lax.select(pred, a, b), on_true, on_false)
-
-
 def scaled_value_and_grad(loss_fn: Callable[..., jax.Array], loss_scale: LossScale, *,
                           value_and_grad: Callable = jax.value_and_grad
                           ) -> Callable[..., tuple[jax.Array, Any, jax.Array]]:
@@ -166,7 +154,9 @@ def scaled_value_and_grad(loss_fn: Callable[..., jax.Array], loss_scale: LossSca
   Differentiates ``S·loss_fn`` with ``value_and_grad`` (default ``jax.value_and_grad``; pass
   e.g. ``lambda f: trainer.accumulate(f, n)[1]`` to accumulate over chunks), then returns the
   unscaled loss ``(S·L)/S``, the unscaled gradients ``∇(S·L)/S`` in (at least) float32 and
-  whether all gradients are finite. Update the scale with ``loss_scale.adjust(grads_finite)``.
+  whether all gradients are finite. Update the scale with ``loss_scale.adjust(grads_finite)``
+  and skip a non-finite update with ``optax.tree.where``: ``params, opt_state =
+  optax.tree.where(grads_finite, (new_params, new_opt_state), (params, opt_state))``.
   """
   def scaled_loss(params, *args, **kwargs):
     return loss_scale.scale(loss_fn(params, *args, **kwargs))

@@ -16,6 +16,14 @@ accepted values. Both happen before any data is loaded or anything is compiled.
 
 A config with a ``distill`` block (``configs/distill.py``) runs
 ``experiments.distillation.distill_and_evaluate`` (teacher, then student) instead of the trainer.
+``--compare=a,b+c`` runs several presets of a distillation config one after another into
+``DIR/<preset>`` (``b+c``: presets b and c together; ``all``: the config's ``COMPARE`` list),
+each joined with the presets of ``--config`` and given the same ``--config.<field>``
+overrides; the teacher is trained once and shared. It prints a table of student eval loss,
+perplexity and accuracy and writes ``DIR/comparison.json`` and ``DIR/comparison.png``;
+re-running it resumes every run. With ``--dry_run`` it prints every preset's config.
+
+  python -m experiments.run --config=configs/distill.py:smoke --compare=ce,hinton --dry_run
 
 Exit status: 0 on success; 1 with a one- or two-line message and no traceback on a bad command
 line (a missing config file, an unknown key named as its flag, e.g.
@@ -37,6 +45,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from experiments import config_lib
@@ -50,6 +59,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the resolved, validated config as JSON and exit (no data loaded, no "
     "device touched; --workdir optional).")
+_COMPARE = flags.DEFINE_string(
+    "compare", None, "Distillation configs: run these presets (comma list; a+b = presets a and "
+    "b together; 'all' = the config's COMPARE) into WORKDIR/<preset> with one teacher, and "
+    "tabulate them.")
 flags.mark_flags_as_required(["config"])
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -202,44 +215,81 @@ def quiet_plugin_probe() -> None:
   std_logging.getLogger("jax._src.xla_bridge").addFilter(_QuietPluginProbe())
 
 
+def compare_configs(spec: str, names: str,
+                    overrides: dict | None = None) -> dict[str, ml_collections.ConfigDict]:
+  """``--compare``'s validated configs, preset name → config: ``spec`` = ``path[:presets]``
+  (the presets every run shares), ``names`` = the comma list (``a+b`` joins presets; ``all``:
+  the config file's ``COMPARE``), ``overrides`` = dotted key → value. Raises ``ValueError``."""
+  path, _, shared = spec.partition(":")
+  module = config_lib.config_module(path)
+  if "distill" not in (module.get_config(shared) if shared else module.get_config()):
+    raise ValueError(f"--compare runs distillation presets; {path} has no distill block.")
+  chosen = [n for n in names.split(",") if n]
+  if chosen == ["all"]:
+    chosen = list(getattr(module, "COMPARE", ()))
+  if not chosen:
+    raise ValueError(f"--compare={names!r} names no preset.")
+  out = {}
+  for name in chosen:
+    presets = ",".join(p for p in name.split("+") + shared.split(",") if p)
+    out[name] = config_lib.load_config(f"{path}:{presets}", overrides)
+  return out
+
+
+def _resolve(raw) -> ml_collections.ConfigDict | dict[str, ml_collections.ConfigDict]:
+  """The validated config, or ``--compare``'s configs; a bad one exits with one line."""
+  try:
+    if _COMPARE.value:
+      return compare_configs(config_flags.get_config_filename(FLAGS["config"]), _COMPARE.value,
+                             dict(config_flags.get_override_values(FLAGS["config"])))
+    return config_lib.validate_config(raw)
+  except ValueError as e:
+    sys.exit(f"config error: {e}")
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"usage error: unexpected positional arguments {argv[1:]} (flags take the form "
              f"--name=value).\n{_SEE_HELP}")
   try:
     raw = _CONFIG.value
-    distilling = "distill" in raw  # a distill block: experiments.distillation
   except OSError as e:  # the config file could not be loaded (see _config_file_error)
     sys.exit(f"config error: {str(e).splitlines()[0]}")
-  try:
-    if distilling:
-      from experiments import distillation  # pylint: disable=g-import-not-at-top
-      config = distillation.validate(raw)
-    else:
-      config = config_lib.validate_config(raw)
-  except ValueError as e:
-    sys.exit(f"config error: {e}")
+  config = _resolve(raw)
   workdir = _WORKDIR.value
   if workdir and (message := _workdir_error(workdir)):
     sys.exit(message)
   if _DRY_RUN.value:
-    print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    shown = ({k: c.to_dict() for k, c in config.items()} if _COMPARE.value
+             else config.to_dict())
+    print(json.dumps(shown, indent=2, sort_keys=True))
     return 0
   if not workdir:
     sys.exit(f"usage error: --workdir=DIR is required (or --dry_run to print the config).\n"
              f"{_SEE_HELP}")
   quiet_plugin_probe()
+  first = next(iter(config.values())) if _COMPARE.value else config
   from experiments import sharding  # pylint: disable=g-import-not-at-top
-  sharding.initialize_distributed(config.distributed)  # before anything touches a device
+  sharding.initialize_distributed(first.distributed)  # before anything touches a device
+  logging.set_verbosity(logging.INFO)
+  _train(config, workdir)
+
+
+def _train(config, workdir: str) -> None:
+  """Runs the trainer, the distillation runner or a comparison; one line on a known failure."""
   from experiments import checkpointing  # pylint: disable=g-import-not-at-top
   from experiments import trainer  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.INFO)
   try:
-    if distilling:
+    if _COMPARE.value:
+      from experiments import distillation  # pylint: disable=g-import-not-at-top
+      print(distillation.format_table(distillation.compare(config, workdir)))
+      return
+    if "distill" in config:
+      from experiments import distillation  # pylint: disable=g-import-not-at-top
       summary = distillation.distill_and_evaluate(config, workdir)
     else:
       summary = trainer.train_and_evaluate(config, workdir)
-  except trainer.TrainingDiverged as e:
+  except (trainer.TrainingDiverged, FloatingPointError) as e:
     sys.exit(f"diverged: {e}")
   except checkpointing.ResumeRefused as e:
     sys.exit(f"resume refused: {e}")

@@ -15,8 +15,12 @@ directory of DESIGN.md::
   workdir/plots/*.png      sharpness and loss plots, and the convergence report
                            plots/convergence.png (experiments.plots)
 
+The loop is ``experiments.loop.run`` over named pieces: the jitted ``train_step``, the probe
+schedule (:class:`Probes`), the evaluation (:class:`Evaluation`), the monitor
+(``experiments.monitoring.RunMonitor``), the checkpoint policy (``loop.CheckpointPolicy``) and
+the metric writer (``experiments.records.MetricWriter``); :class:`_Run` builds and runs them.
 With ``config.monitor.enabled`` (default) every step also runs the convergence monitor
-(``experiments.monitoring``: anomaly detector, evidence windows, Bayesian network; logged as
+(``convergence.Monitor``: anomaly detector, evidence windows, Bayesian network; logged as
 ``monitor/*``). An anomaly in ``monitor.emergency_on`` writes a pinned emergency checkpoint of
 the state before the flagged update; with ``monitor.rollback_on_anomaly`` an anomaly in
 ``monitor.rollback_on`` (default: a non-finite loss) skips that update and training goes on,
@@ -49,24 +53,26 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
-import convergence
 import curvature
+import distill
 from experiments import checkpointing
 from experiments import config_lib
 from experiments import data as data_lib
 from experiments import models
+from experiments import loop
 from experiments import monitoring
 from experiments import optim
 from experiments import precision
+from experiments import records
+from experiments.records import MetricWriter
+from experiments.records import write_config
 from experiments import sharding as sharding_lib
 
 PyTree = Any
 TASKS = ("code", "prose")  # the two tasks of data.name='mix', in matrix order
-TIER_NAMES = monitoring.TIER_NAMES
 
 
 class TrainState(NamedTuple):
@@ -131,7 +137,8 @@ def accumulate(loss_fn, num_chunks: int):
   """``(loss_fn, value_and_grad)`` over a batch split into ``num_chunks`` equal chunks.
 
   The loss is the mean of the chunk losses (equal to the whole-batch loss for a mean loss);
-  the gradient is accumulated with a ``lax.scan`` so only one chunk's activations are alive.
+  the gradient is :func:`distill.micro_batched_value_and_grad`'s (a ``lax.scan``, so only one
+  chunk's activations are alive).
   """
   if num_chunks == 1:
     return loss_fn, jax.value_and_grad(loss_fn)
@@ -143,23 +150,27 @@ def accumulate(loss_fn, num_chunks: int):
   def full_loss(params, batch):
     return jnp.mean(jax.lax.map(lambda c: loss_fn(params, c), chunk(batch)))
 
-  def full_value_and_grad(params, batch):
-    vg = jax.value_and_grad(loss_fn)
-
-    def body(carry, c):
-      loss, grads = vg(params, c)
-      return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
-
-    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(body, zero, chunk(batch))
-    return loss / num_chunks, jax.tree.map(lambda g: g / num_chunks, grads)
-
-  return full_loss, full_value_and_grad
+  # The library's micro-batching: the same scan, accumulating in float32 whatever the
+  # parameters' dtype.
+  return full_loss, distill.micro_batched_value_and_grad(loss_fn, num_chunks)
 
 
 # --------------------------------------------------------------------------------------------
 # Steps (pure; jitted by the caller)
 # --------------------------------------------------------------------------------------------
+
+
+def schedule_count(opt_state, default: jax.Array) -> jax.Array:
+  """The count the learning-rate schedule of ``opt_state`` reads (its last
+  ``optax.ScaleByScheduleState``), ``default`` when it has none.
+
+  A skipped update (a rollback, or the dynamic loss scale's skip) leaves the optimizer state,
+  its count included, as it was while the step counter advances: from then on η_t = η(count),
+  not η(step).
+  """
+  is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_sched) if is_sched(s)]
+  return counts[-1] if counts else default
 
 
 def make_train_step(loss_fn, value_and_grad, tx, schedule, *, directional: bool = False,
@@ -203,15 +214,16 @@ def make_train_step(loss_fn, value_and_grad, tx, schedule, *, directional: bool 
     if ls is not None:
       finite = precision.all_finite(grads)
       if ls.dynamic:  # skip a non-finite update, as optax.apply_if_finite does
-        params, opt_state = precision.select_tree(finite, (params, opt_state),
-                                                  (state.params, state.opt_state))
+        params, opt_state = optax.tree.where(finite, (params, opt_state),
+                                             (state.params, state.opt_state))
         updates = jax.tree.map(lambda u: jnp.where(finite, u, 0), updates)
       extra = {"precision/loss_scale": ls.loss_scale,
                "precision/grads_finite": finite.astype(jnp.int32)}
       ls = ls.adjust(finite)
     metrics = {
         "train/loss": loss,
-        "train/lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "train/lr": jnp.asarray(schedule(schedule_count(state.opt_state, state.step)),
+                                jnp.float32),
         "train/grad_norm": optax.tree.norm(grads),
         "train/update_norm": optax.tree.norm(updates),
     }
@@ -297,74 +309,76 @@ def make_relative_fn(loss_fn, preconditioner, config):
 
 
 # --------------------------------------------------------------------------------------------
-# Run directory writers
+# The loop's pieces: probes and evaluation (each an experiments.loop.Hook)
 # --------------------------------------------------------------------------------------------
 
 
-def _to_python(value):
-  value = np.asarray(value)
-  if value.dtype == np.bool_:
-    return bool(value)
-  if np.issubdtype(value.dtype, np.integer):
-    return int(value)
-  return float(value)
+class Probes(loop.Hook):
+  """The curvature probes outside the optax chain, on their schedules (``config.probe``).
+
+  Explicit state, checkpointed with the run: ``key`` (the probes' PRNG key; each probe and
+  step draws from its own stream, :func:`probe_stream_key`) and ``guess`` (the relative
+  matrix's warm-start step sizes, [2, 2]). ``lanczos``, ``preconditioned``, ``relative``:
+  the jitted probes, None when off.
+  """
+
+  def __init__(self, config, *, key, guess, lanczos=None, preconditioned=None, relative=None):
+    p = config.probe
+    self.every = {"lanczos": p.lanczos_every, "preconditioned": p.preconditioned_every,
+                  "relative": p.relative_every}
+    self.last = config.num_steps - 1
+    self.key, self.guess = key, guess
+    self.lanczos, self.preconditioned, self.relative = lanczos, preconditioned, relative
+
+  def _due(self, name: str, step: int) -> bool:
+    return getattr(self, name) is not None and loop.due(self.every[name], step, self.last)
+
+  def before(self, step, state, batch):
+    out = {}
+    if self._due("lanczos", step):
+      out["curv/lambda_max"], out["curv/lambda_max_converged"] = self.lanczos(
+          state.params, batch, probe_stream_key(self.key, step, "lambda_max"))
+    if self._due("relative", step):
+      rel = self.relative(state.params, state.opt_state, batch, self.guess)
+      self.guess = rel.step_size
+      for i, li in enumerate(TASKS):
+        for j, dj in enumerate(TASKS):
+          out[f"curv/relative/{li}_along_{dj}"] = rel.sharpness[i, j]
+          out[f"curv/relative_status/{li}_along_{dj}"] = rel.status[i, j]
+    return out
+
+  def sync(self, step):
+    return self._due("relative", step)  # it moves the warm start a save of step − 1 holds
+
+  def after(self, step, state, new_state, batch):
+    if not self._due("preconditioned", step):
+      return {}
+    # P from the state after the step: v̂_t holds g_t, as in the unit-LR update Δθ_t.
+    key = probe_stream_key(self.key, step, "preconditioned")
+    lam, conv = self.preconditioned(state.params, new_state.opt_state, batch, key)
+    return {"curv/preconditioned_sharpness": lam, "curv/preconditioned_converged": conv}
 
 
-class MetricWriter:
-  """Appends metric rows to ``metrics.jsonl`` (flushed every row) and to TensorBoard."""
+class Evaluation(loop.Hook):
+  """``eval_step(params, eval_batch)`` every ``every`` steps (0: only the final evaluation)."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True, *, resume_step: int | None = None,
-               enabled: bool = True):
-    """``resume_step``: append to ``metrics.jsonl`` (already truncated to the rows before it)
-    and hide older TensorBoard events from that step on (``purge_step``). ``enabled=False``
-    (the processes other than 0 of a multi-host run) writes nothing."""
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file = None
-    self._tb = None
-    if not enabled:
-      return
-    self._file = open(self.path, "w" if resume_step is None else "a", encoding="utf-8")
-    if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step)
+  def __init__(self, eval_step, batch, every: int):
+    self.eval_step, self.batch, self.every = eval_step, batch, every
 
-  def write(self, step: int, metrics: dict[str, Any]) -> None:
-    if self._file is None:
-      return
-    row = {"step": int(step)}
-    row.update({k: _to_python(v) for k, v in sorted(metrics.items())})
-    # Python's json writes NaN / Infinity for non-finite floats; json.loads reads them back.
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
-    if self._tb is not None:
-      for k, v in row.items():
-        if k != "step" and math.isfinite(float(v)):
-          self._tb.add_scalar(k, float(v), step)
+  def before(self, step, state, batch):
+    if self.every and step % self.every == 0:
+      return self.eval_step(state.params, self.batch)
+    return {}
 
-  def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-    if self._tb is not None:
-      self._tb.flush()
-      self._tb.close()
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Write the resolved config as ``workdir/config.json``."""
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    f.write("\n")
+  def final(self, params) -> dict[str, Any]:
+    return records.to_json(jax.device_get(self.eval_step(params, self.batch)))
 
 
 # --------------------------------------------------------------------------------------------
 # Setup
 # --------------------------------------------------------------------------------------------
 
-
-def _canonical(tree):
-  # Strong-typed, committed arrays: the state after step 1 must have the same avals as before
-  # it, or the jitted step would compile a second time.
-  return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), tree)
+_canonical = loop.canonical
 
 
 def _batches(config, dataset, shards: int = 1):
@@ -419,24 +433,165 @@ def _iterator_position(iterator) -> Any:
 
 def _payload(state: TrainState, probe_key, rel_guess, monitor_packed=None) -> dict[str, Any]:
   """The array part of a checkpoint (see experiments.checkpointing); ``monitor_packed`` is
-  ``experiments.monitoring.pack`` of the monitor state."""
+  ``convergence.Monitor.pack`` of the monitor's state."""
   out = {"train": state, "rng": {"probe": probe_key}, "host": {"rel_guess": rel_guess}}
   if monitor_packed is not None:
     out["monitor"] = monitor_packed
   return out
 
 
-def _postfix(row: dict) -> dict:
-  out = {"loss": f"{row.get('train/loss', float('nan')):.4g}"}
-  if "curv/critical_sharpness" in row:
-    out["λc"] = f"{row['curv/critical_sharpness']:.4g}"
-  if "curv/lr_sharpness" in row:
-    out["ηλc"] = f"{row['curv/lr_sharpness']:.3g}"
+class _Model(NamedTuple):
+  """The data and model of a run (``_build_model``)."""
+  dataset: Any
+  data_info: Any
+  graphdef: Any
+  probe_graphdef: Any  # the same model computing in precision.probe_dtype
+  params: PyTree
+
+
+def _build_model(config) -> _Model:
+  dataset = data_lib.load_dataset(config.data, config.seed)
+  primary = dataset["code"] if isinstance(dataset, dict) else dataset
+  if isinstance(dataset, dict):
+    for t, d in dataset.items():
+      logging.info("data %s: %s", t, d.info)
+  else:
+    logging.info("data %s: %s", primary.name, primary.info)
+  dtype, probe_dtype = precision.compute_dtype(config), precision.probe_dtype(config)
+  model = models.build_model(config.model, primary, config.seed, dtype=dtype)
+  graphdef, params = models.split_params(model)
+  del model
+  # The probes' (and the evaluation's) forward passes in probe_dtype over the same parameters.
+  probe_graphdef = (graphdef if probe_dtype == dtype else
+                    models.build_graphdef(config.model, primary, probe_dtype, like=params))
+  logging.info("model %s: %d parameters", config.model.name, models.count_params(params))
+  data_info = ({t: d.info for t, d in dataset.items()} if isinstance(dataset, dict)
+               else primary.info)
+  return _Model(dataset, data_info, graphdef, probe_graphdef, params)
+
+
+class _Placement(NamedTuple):
+  """Where arrays live: one device, or the mesh of ``config.mesh`` (experiments.sharding)."""
+  mesh: Any
+  state_sh: Any  # the train state's shardings (None on one device)
+  small_sh: Any  # replicated scalars: probes' outputs, eval metrics (None on one device)
+  place: Callable[[PyTree, Any], PyTree]
+  put_batch: Callable[..., PyTree]
+  jit_small: dict[str, Any]  # jit kwargs of the functions returning small outputs
+
+  def state(self, s: TrainState) -> TrainState:
+    return self.place(loop.canonical(s), self.state_sh)
+
+
+def _placement(config, mesh, state) -> _Placement:
+  if mesh is None:
+    return _Placement(None, None, None, lambda tree, _: tree, lambda b, what: b, {})
+  small_sh = sharding_lib.replicated(mesh)
+  return _Placement(
+      mesh, sharding_lib.state_shardings(state, mesh, config.mesh.layout, config.mesh.fsdp_axis),
+      small_sh, sharding_lib.place, functools.partial(sharding_lib.shard_batch, mesh=mesh),
+      {"out_shardings": small_sh})
+
+
+def _place_batches(pl: _Placement, full, eval_batch):
+  """The full batch (or None) and the evaluation batch on their devices."""
+  if pl.mesh is None:
+    return (None if full is None else jax.device_put(full)), jax.device_put(eval_batch)
+  if full is not None:
+    full = pl.put_batch(full, what="full batch")
+  shards = sharding_lib.data_shards(pl.mesh)
+  if all(x.shape[0] % shards == 0 for x in jax.tree.leaves(eval_batch)):
+    return full, pl.put_batch(eval_batch, what="eval batch")
+  return full, jax.device_put(eval_batch, pl.small_sh)
+
+
+class _Jitted(NamedTuple):
+  """The run's compiled functions (a probe that is off is None)."""
+  train_step: Any
+  eval_step: Any
+  lanczos: Any
+  preconditioned: Any
+  relative: Any
+
+
+def _jitted(config, model: _Model, optimizer, schedule, pl: _Placement) -> _Jitted:
+  """The train step, evaluation and probes, each jitted once with its shardings."""
+  same_precision = model.probe_graphdef is model.graphdef
+  base_loss = make_loss_fn(config, model.graphdef)
+  probe_base = base_loss if same_precision else make_loss_fn(config, model.probe_graphdef)
+  if pl.mesh is not None and config.mesh.layout == "fsdp":
+    base_loss = sharding_lib.gather_params(base_loss, pl.mesh)  # gather weights, not activations
+    probe_base = sharding_lib.gather_params(probe_base, pl.mesh)
+  n = config.grad_accum_steps
+  loss_fn, value_and_grad = accumulate(base_loss, n)
+  probe_loss_fn = accumulate(probe_base, n)[0]
+  scaled_vg = functools.partial(precision.scaled_value_and_grad, base_loss,
+                                value_and_grad=lambda f: accumulate(f, n)[1])
+  step = make_train_step(loss_fn, value_and_grad, optimizer.tx, schedule,
+                         directional=config.probe.directional,
+                         nan_at_step=config.debug.nan_at_step,
+                         probe_loss=None if same_precision else probe_loss_fn,
+                         scaled_value_and_grad=scaled_vg)
+  train_step = jax.jit(step, **({} if pl.mesh is None
+                                else {"out_shardings": (pl.state_sh, pl.small_sh)}))
+  p, small = config.probe, pl.jit_small
+  return _Jitted(
+      train_step, jax.jit(make_eval_step(config, model.probe_graphdef), **small),
+      jax.jit(make_lanczos_fn(probe_loss_fn, p.lanczos_iters), **small)
+      if p.lanczos_every else None,
+      jax.jit(make_preconditioned_fn(probe_loss_fn, config), **small)
+      if p.preconditioned_every else None,
+      jax.jit(make_relative_fn(probe_base, optimizer.preconditioner, config), **small)
+      if p.relative_every else None)
+
+
+class _Resumed(NamedTuple):
+  """What a resume restored (``_resume``)."""
+  step: int
+  arrays: dict[str, Any]  # the checkpoint's payload
+  hyper_changes: list[str]  # maths fields changed on resume (allow_config_change)
+  rows: list[dict]  # the metric rows kept (before ``step``)
+
+
+def _resume(config, workdir, mgr, target, data_info, iterator) -> _Resumed:
+  """Restores the newest valid checkpoint, checks config and data, truncates the logs."""
+  try:
+    restored, changed = checkpointing.restore_checked(config, workdir, mgr, target, data_info)
+    meta = restored.metadata
+    step = restored.step
+    if int(restored.state["train"].step) != step:
+      raise checkpointing.ResumeRefused(
+          f"checkpoint {step} holds TrainState.step={int(restored.state['train'].step)}; it "
+          "was not written by this runner.")
+    hyper_changes, _ = checkpointing.config_differences(meta["config"],
+                                                        checkpointing.config_json(config))
+    if iterator is not None:
+      iterator.set_state(meta["data_position"])
+    kept = records.truncate_rows(os.path.join(workdir, records.METRICS_FILE), step)
+  except BaseException:
+    mgr.close()
+    raise
+  records.truncate_audit(workdir, step)
+  checkpointing.log_resume(workdir, {
+      "restored_step": step, "kept_metric_rows": len(kept),
+      "skipped_corrupt": [s for s, _ in restored.skipped], "config_changes": changed})
+  logging.info("resumed %s from the checkpoint at step %d (%d metric rows kept)", workdir,
+               step, len(kept))
+  return _Resumed(step, restored.state, hyper_changes, [json.loads(line) for line in kept])
+
+
+def _boundaries(config, resumed: _Resumed | None) -> dict[int, str]:
+  """Forced saves: stage boundaries and the first state after a changed-config resume."""
+  out = monitoring.stage_boundaries(config) if config.checkpoint.enabled else {}
+  if resumed is not None and resumed.hyper_changes and resumed.step < config.num_steps:
+    why = "hyper-parameter change on resume: " + "; ".join(resumed.hyper_changes)
+    s = resumed.step + 1
+    out[s] = "; ".join(r for r in (out.get(s), why) if r)
   return out
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
+# The run
 # --------------------------------------------------------------------------------------------
 
 
@@ -453,7 +608,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     A summary dict: steps done (in all, resumed runs included), ``resumed_from_step`` (None
     for a fresh run), last training loss, last evaluation metrics, wall time and steps per
-    second of this process, ``jit_compilations``: the most times any jitted function of the
+    second of this process (``steady_steps_per_second``: after the first step, which
+    compiles), ``jit_compilations``: the most times any jitted function of the
     run (train step, eval, Lanczos, ...) was compiled — 1 when nothing recompiled.
 
   Raises:
@@ -461,424 +617,183 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       is off or its ``max_rollbacks`` are used up); everything up to that step is already
       written (metrics, TensorBoard, plots, audit log) and, with the monitor on, the state
       before the poisoned update is in a pinned emergency checkpoint at that step.
+    ValueError: a bad config field, or a distillation config (one with a ``distill`` block).
     experiments.checkpointing.ResumeRefused: the workdir holds checkpoints of a run with a
       different config (the message lists the fields and the overrides).
   """
+  if "distill" in config:
+    raise ValueError("this config has a `distill` block: it is a distillation config; run it "
+                     "with experiments.distillation.distill_and_evaluate or experiments.run.")
   config = config_lib.validate_config(config)
   sharding_lib.initialize_distributed(config.distributed)
   mesh = sharding_lib.make_mesh(config.mesh)
   # Several hosts: every process trains (and takes part in Orbax's saves); process 0 alone
   # writes config.json, metrics.jsonl, TensorBoard, the audit log and the plots.
   is_primary = jax.process_index() == 0
-  ck = config.checkpoint
   resuming = checkpointing.prepare_workdir(config, workdir)
   if is_primary:
     write_config(config, workdir)
-
-  dataset = data_lib.load_dataset(config.data, config.seed)
-  primary = dataset["code"] if isinstance(dataset, dict) else dataset
-  if isinstance(dataset, dict):
-    for t, d in dataset.items():
-      logging.info("data %s: %s", t, d.info)
-  else:
-    logging.info("data %s: %s", primary.name, primary.info)
-
-  dtype, probe_dtype = precision.compute_dtype(config), precision.probe_dtype(config)
-  model = models.build_model(config.model, primary, config.seed, dtype=dtype)
-  graphdef, params = models.split_params(model)
-  del model
-  # The probes' (and the evaluation's) forward passes in probe_dtype over the same parameters.
-  probe_graphdef = (graphdef if probe_dtype == dtype else
-                    models.build_graphdef(config.model, primary, probe_dtype, like=params))
-  logging.info("model %s: %d parameters", config.model.name, models.count_params(params))
-
+  model = _build_model(config)
   schedule = optim.make_schedule(config)
   optimizer = optim.make_optimizer(config, schedule)
-  base_loss = make_loss_fn(config, graphdef)
-  probe_base = (base_loss if probe_graphdef is graphdef
-                else make_loss_fn(config, probe_graphdef))  # float32 probe losses
-  if mesh is not None and config.mesh.layout == "fsdp":
-    base_loss = sharding_lib.gather_params(base_loss, mesh)  # gather weights, not activations
-    probe_base = sharding_lib.gather_params(probe_base, mesh)
-  loss_fn, value_and_grad = accumulate(base_loss, config.grad_accum_steps)
-  probe_loss_fn = accumulate(probe_base, config.grad_accum_steps)[0]
-  scaled_vg = functools.partial(
-      precision.scaled_value_and_grad, base_loss,
-      value_and_grad=lambda f: accumulate(f, config.grad_accum_steps)[1])
   loss_scale = (None if config.precision.loss_scale == "none"
                 else precision.loss_scale_from_config(config))
-
-  state = _canonical(TrainState(jnp.int32(0), params, optimizer.tx.init(params), loss_scale))
-  full, iterator, eval_batch = _batches(config, dataset, sharding_lib.data_shards(mesh))
-
-  # ---- placement: one device, or the mesh of config.mesh (experiments.sharding)
-  if mesh is None:
-    state_sh = small_sh = None
-    place = lambda tree, _: tree  # pylint: disable=unnecessary-lambda-assignment
-    put_batch = lambda b, what: b  # pylint: disable=unnecessary-lambda-assignment
-    jit_small: dict[str, Any] = {}
-    if full is not None:
-      full = jax.device_put(full)
-    eval_batch = jax.device_put(eval_batch)
-  else:
-    state_sh = sharding_lib.state_shardings(state, mesh, config.mesh.layout,
-                                            config.mesh.fsdp_axis)
-    small_sh = sharding_lib.replicated(mesh)
-    place = sharding_lib.place
-    put_batch = functools.partial(sharding_lib.shard_batch, mesh=mesh)
-    jit_small = {"out_shardings": small_sh}  # probes' scalars and eval metrics: replicated
-    if full is not None:
-      full = put_batch(full, what="full batch")
-    eval_batch = (put_batch(eval_batch, what="eval batch")
-                  if all(x.shape[0] % sharding_lib.data_shards(mesh) == 0
-                         for x in jax.tree.leaves(eval_batch))
-                  else jax.device_put(eval_batch, small_sh))
-
-  def canonical_state(s: TrainState) -> TrainState:
-    return place(_canonical(s), state_sh)
-
-  state = canonical_state(state)
+  state = loop.canonical(TrainState(jnp.int32(0), model.params,
+                                    optimizer.tx.init(model.params), loss_scale))
+  full, iterator, eval_batch = _batches(config, model.dataset, sharding_lib.data_shards(mesh))
+  pl = _placement(config, mesh, state)
+  full, eval_batch = _place_batches(pl, full, eval_batch)
+  state = pl.state(state)
   if mesh is not None:
     logging.info("mesh %s, layout %s: parameters + optimizer state %s", dict(mesh.shape),
                  config.mesh.layout, sharding_lib.describe(state))
-  train_step = jax.jit(make_train_step(loss_fn, value_and_grad, optimizer.tx, schedule,
-                                       directional=config.probe.directional,
-                                       nan_at_step=config.debug.nan_at_step,
-                                       probe_loss=(None if probe_graphdef is graphdef
-                                                   else probe_loss_fn),
-                                       scaled_value_and_grad=scaled_vg),
-                       **({} if mesh is None else {"out_shardings": (state_sh, small_sh)}))
-  eval_step = jax.jit(make_eval_step(config, probe_graphdef), **jit_small)
+  fns = _jitted(config, model, optimizer, schedule, pl)
   p = config.probe
-  lanczos = (jax.jit(make_lanczos_fn(probe_loss_fn, p.lanczos_iters), **jit_small)
-             if p.lanczos_every else None)
-  precond = (jax.jit(make_preconditioned_fn(probe_loss_fn, config), **jit_small)
-             if p.preconditioned_every else None)
-  relative = (jax.jit(make_relative_fn(probe_base, optimizer.preconditioner, config),
-                      **jit_small)
-              if p.relative_every else None)
-  rel_guess = place(jnp.full((len(TASKS), len(TASKS)), p.step_guess, jnp.float32), small_sh)
-  probe_key = place(jax.random.fold_in(jax.random.key(config.seed), 1), small_sh)
-  monitor = monitoring.Monitor(config) if config.monitor.enabled else None
-  mstate = monitor.init() if monitor is not None else None
+  probes = Probes(config, key=pl.place(jax.random.fold_in(jax.random.key(config.seed), 1),
+                                       pl.small_sh),
+                  guess=pl.place(jnp.full((len(TASKS), len(TASKS)), p.step_guess,
+                                          jnp.float32), pl.small_sh),
+                  lanczos=fns.lanczos, preconditioned=fns.preconditioned, relative=fns.relative)
+  monitor = (monitoring.RunMonitor(monitoring.from_config(config), workdir=workdir,
+                                   audit_every=config.monitor.audit_every,
+                                   last_step=config.num_steps - 1, write_audit=is_primary)
+             if config.monitor.enabled else None)
+  run = _Run(config, workdir, is_primary, model, pl, fns, probes, monitor, iterator, full,
+             Evaluation(fns.eval_step, eval_batch, config.eval_every))
+  return run.train(state, resuming)
 
-  # ---- checkpoints: resume, then save every ck.every steps and at the end
-  data_info = ({t: d.info for t, d in dataset.items()} if isinstance(dataset, dict)
-               else primary.info)
-  static_meta = {"config": checkpointing.config_json(config), "data": data_info,
-                 "versions": checkpointing.versions()}
-  mgr = checkpointing.make_manager(config, workdir) if (ck.enabled or resuming) else None
-  start_step = 0
-  hyper_changes: list[str] = []  # maths fields changed on resume (allow_config_change)
-  last_row: dict[str, Any] = {}
-  last_eval_loss: dict[str, float] = {}  # ledger metric of the next checkpoint
-  if resuming:
-    try:
-      target = checkpointing.abstract(_payload(
-          state, probe_key, rel_guess, None if monitor is None else monitor.pack(mstate)))
-      restored = checkpointing.restore(mgr, target, max_step=config.num_steps, workdir=workdir)
-      meta = restored.metadata
-      changed = checkpointing.check_config(meta["config"], config, workdir=workdir,
-                                           where=f"checkpoint at step {restored.step}")
-      checkpointing.check_data(meta["data"], data_info, workdir=workdir,
-                               allow=ck.allow_config_change)
-      start_step = restored.step
-      state = canonical_state(restored.state["train"])
-      if int(state.step) != start_step:
-        raise checkpointing.ResumeRefused(
-            f"checkpoint {start_step} holds TrainState.step={int(state.step)}; it was not "
-            "written by this runner.")
-      probe_key = place(restored.state["rng"]["probe"], small_sh)
-      rel_guess = place(_canonical(restored.state["host"]["rel_guess"]), small_sh)
-      if monitor is not None:
-        mstate = monitoring.unpack(restored.state["monitor"], mstate)
-      hyper_changes, _ = checkpointing.config_differences(meta["config"],
-                                                          checkpointing.config_json(config))
-      if iterator is not None:
-        iterator.set_state(meta["data_position"])
-      kept = checkpointing.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
-    except BaseException:
-      mgr.close()
-      raise
-    monitoring.truncate_audit(workdir, start_step)
-    rows = [json.loads(line) for line in kept]
+
+class _Run:
+  """One run's pieces, the checkpoint policy around them, the loop and its summary."""
+
+  def __init__(self, config, workdir, is_primary, model, pl, fns, probes, monitor, iterator,
+               full, evaluation):
+    self.config, self.workdir, self.is_primary = config, workdir, is_primary
+    self.model, self.pl, self.fns, self.probes, self.monitor = model, pl, fns, probes, monitor
+    self.iterator, self.full, self.evaluation = iterator, full, evaluation
+    self.static_meta = {"config": checkpointing.config_json(config), "data": model.data_info,
+                        "versions": checkpointing.versions()}
+
+  def payload(self, state: TrainState) -> dict[str, Any]:
+    return _payload(state, self.probes.key, self.probes.guess,
+                    None if self.monitor is None else self.monitor.packed())
+
+  def metadata(self, step: int) -> dict[str, Any]:
+    """Checkpoint metadata with the data position after the batch of ``step`` was drawn."""
+    pos = self.positions.get(step, _iterator_position(self.iterator))
+    return {**self.static_meta, "data_position": pos}
+
+  def next_batch(self):
+    if self.full is not None:
+      return self.full
+    batch = self.pl.put_batch(next(self.iterator), what="batch")
+    # The loop may draw step t + 1's batch before step t is saved: keep recent positions.
+    self.positions[self.drawn] = _iterator_position(self.iterator)
+    self.positions.pop(self.drawn - 3, None)
+    self.drawn += 1
+    return batch
+
+  def skip_update(self, state: TrainState, step: int) -> TrainState:
+    """The state after a rolled-back update: unchanged but for the step counter (the batch is
+    dropped, as in optax.apply_if_finite)."""
+    return self.pl.state(state._replace(step=jnp.int32(step + 1)))
+
+  def restore(self, state: TrainState, resumed: _Resumed) -> TrainState:
+    """Puts a resume's arrays into the state and the pieces."""
+    a = resumed.arrays
+    state = self.pl.state(a["train"])
+    self.probes.key = self.pl.place(a["rng"]["probe"], self.pl.small_sh)
+    self.probes.guess = self.pl.place(loop.canonical(a["host"]["rel_guess"]), self.pl.small_sh)
+    if self.monitor is not None:
+      self.monitor.restore(a["monitor"])
+    return state
+
+  def train(self, state: TrainState, resuming: bool) -> dict[str, Any]:
+    """Resume if asked, run the loop, the final evaluation and save; returns the summary."""
+    config, ck = self.config, self.config.checkpoint
+    mgr = checkpointing.make_manager(config, self.workdir) if (ck.enabled or resuming) else None
+    resumed = None
+    if resuming:
+      resumed = _resume(config, self.workdir, mgr, self.payload(state), self.model.data_info,
+                        self.iterator)
+      state = self.restore(state, resumed)
+    start_step = 0 if resumed is None else resumed.step
+    self.drawn, self.positions = start_step, {}
+    rows = [] if resumed is None else resumed.rows
     last_row = next((r for r in reversed(rows) if "train/loss" in r), {})
-    last_eval_loss = next(({"eval/loss": r["eval/loss"]} for r in reversed(rows)
-                           if "eval/loss" in r), {})
-    checkpointing.log_resume(workdir, {
-        "restored_step": start_step, "kept_metric_rows": len(kept),
-        "skipped_corrupt": [s for s, _ in restored.skipped], "config_changes": changed})
-    logging.info("resumed %s from the checkpoint at step %d (%d metric rows kept)", workdir,
-                 start_step, len(kept))
+    policy = loop.CheckpointPolicy(
+        mgr, every=ck.every, num_steps=config.num_steps, payload=self.payload,
+        metadata=self.metadata, boundaries=_boundaries(config, resumed), enabled=ck.enabled,
+        monitor=self.monitor, last_row=last_row,
+        last_eval=next(({"eval/loss": r["eval/loss"]} for r in reversed(rows)
+                        if "eval/loss" in r), {}))
+    writer = records.MetricWriter(self.workdir, resume_step=start_step if resuming else None,
+                                  enabled=self.is_primary)
+    if start_step < config.num_steps:  # the first step compiles every jitted function
+      logging.info("compiling… (the first step traces and compiles the train step and probes)")
+    bar = loop.ProgressBar(total=config.num_steps, initial=start_step,
+                           enabled=config.progress_bar,
+                           desc=os.path.basename(os.path.normpath(self.workdir)))
+    start = time.perf_counter()
+    hooks = [self.probes, self.evaluation] + ([self.monitor] if self.monitor else [])
+    self.clock = loop.Clock()
+    end, last_eval = loop.run_to_end(
+        state, range(start_step, config.num_steps), final_eval=self.evaluation.final,
+        policy=policy, mgr=mgr, closers=(bar, writer), step_fn=self.fns.train_step,
+        next_batch=self.next_batch, hooks=hooks + [policy, bar, self.clock], writer=writer,
+        log_every=config.log_every, skip_update=self.skip_update)
+    wall = time.perf_counter() - start
+    return self.summary(end, start_step, resuming, last_eval, wall, last_row, writer.path)
 
-  # ---- the monitor's host side: tiers, emergency saves, rollback, audit log
-  boundaries = monitoring.stage_boundaries(config) if ck.enabled else {}
-  if resuming and hyper_changes and start_step < config.num_steps:
-    # allow_config_change: the first state trained under the new hyper-parameters.
-    why = "hyper-parameter change on resume: " + "; ".join(hyper_changes)
-    boundaries[start_step + 1] = "; ".join(
-        r for r in (boundaries.get(start_step + 1), why) if r)
-  m = config.monitor
-  emergency_at = None  # step of the last emergency checkpoint
-  level = 0  # the tier level the posterior asks for (monitoring.tier_level)
+  def summary(self, end: loop.LoopEnd, start_step, resuming, last_eval, wall, resumed_row,
+              metrics_path) -> dict[str, Any]:
+    """Plots, the divergence error, and the summary dict of :func:`train_and_evaluate`."""
+    config = self.config
+    last_row = end.last_row or resumed_row
+    steps_done = config.num_steps if end.stopped_at is None else end.stopped_at + 1
+    jitted = dict(self.fns._asdict(),
+                  monitor=self.monitor.monitor.update if self.monitor is not None else None)
+    counts = {k: f._cache_size() for k, f in jitted.items() if f is not None}  # pylint: disable=protected-access
+    compilations = max(counts.values())
+    if compilations > 1:
+      logging.warning("jitted functions compiled more than once (expected 1 each): %s; some "
+                      "input changed shape, dtype or weak type between steps.", counts)
+    if config.plots and self.is_primary:
+      from experiments import plots  # pylint: disable=g-import-not-at-top
+      plots.make_plots(self.workdir)
+    if end.stopped_at is not None:
+      raise _diverged(config, self.workdir, end.stopped_at, last_row, metrics_path,
+                      self.monitor)
+    summary = {
+        "steps": steps_done,
+        "resumed_from_step": start_step if resuming else None,
+        "train/loss": last_row.get("train/loss"),
+        **last_eval,
+        "wall_seconds": wall,
+        "steps_per_second": (steps_done - start_step) / wall if wall > 0 else float("inf"),
+        "steady_steps_per_second": self.clock.steps_per_second,
+        "jit_compilations": compilations,
+    }
+    if self.monitor is not None:
+      summary.update({"monitor/p_converged": last_row.get("monitor/p_converged"),
+                      "monitor/decision": last_row.get("monitor/decision"),
+                      **self.monitor.summary()})
+    logging.info("finished %d steps (%d in this process) in %.1f s (%.1f steps/s); final %s",
+                 steps_done, steps_done - start_step, wall, summary["steps_per_second"],
+                 last_eval)
+    return summary
 
-  def audit(record: dict) -> None:
-    if monitor is not None and is_primary:
-      monitoring.append_audit(workdir, record)
 
-  def host(**changes) -> None:
-    nonlocal mstate
-    if mstate is not None:
-      mstate = mstate._replace(host=mstate.host._replace(
-          **{k: jnp.int32(v) for k, v in changes.items()}))
-
-  def packed_monitor():
-    return None if monitor is None else monitor.pack(mstate)
-
-  def host_int(name: str) -> int:
-    return int(getattr(mstate.host, name)) if mstate is not None else 0
-
-  def save_tier() -> int:
-    """The tier of a new save: the asked level, release only once per upward crossing."""
-    return 2 if level == 3 and host_int("released") else level
-
-  def save(done: int, loop_step: int, *, force: bool = False, reason: str | None = None
-           ) -> None:
-    """Checkpoints the state after ``done`` updates (the loop state of step ``done``)."""
-    tier = save_tier() if monitor is not None else 0
-    host(newest_tier=tier, released=max(host_int("released"), int(tier == 3)))
-    metrics = {k: float(last_row[k]) for k in ("train/loss",) if k in last_row}
-    metrics.update({k: float(v) for k, v in last_eval_loss.items()})
-    mgr.save(done, _payload(state, probe_key, rel_guess, packed_monitor()),
-             tier=TIER_NAMES[tier],
-             metadata={**static_meta, "data_position": _iterator_position(iterator)},
-             metrics=metrics, force=force, reason=reason)
-    audit({"event": "checkpoint", "step": loop_step, "checkpoint": done, "kind":
-           "forced" if force else "regular", "tier": TIER_NAMES[tier], "reason": reason,
-           "p_converged": last_row.get("monitor/p_converged")})
-
-  def promote(loop_step: int) -> None:
-    """Promotes the newest checkpoint when the posterior's level rose above its tier."""
-    newest = host_int("newest_tier")
-    target = save_tier()
-    if mgr is None or newest < 0 or target <= newest:
-      return
-    latest = mgr.latest_step()
-    p_c = last_row.get("monitor/p_converged", float("nan"))
-    reason = (f"posterior P(converged)={p_c:.4f} at step {loop_step} "
-              + ("(decision: converged)" if target == 3 else
-                 f"(>= {monitor.thresholds[target - 1]})"))
-    if latest is not None and monitoring.TIER_NAMES.index(mgr.record(latest).tier) < target:
-      mgr.promote(latest, TIER_NAMES[target], reason=reason)
-    host(newest_tier=target, released=max(host_int("released"), int(target == 3)))
-    audit({"event": "promotion", "step": loop_step, "checkpoint": latest,
-           "tier": TIER_NAMES[target], "reason": reason, "p_converged": p_c})
-
-  writer = MetricWriter(workdir, resume_step=start_step if resuming else None,
-                        enabled=is_primary)
-  if start_step < config.num_steps:  # the first step compiles every jitted function
-    logging.info("compiling… (the first step traces and compiles the train step and probes)")
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=config.num_steps, initial=start_step, disable=not config.progress_bar,
-             dynamic_ncols=True, mininterval=0.5,
-             desc=os.path.basename(os.path.normpath(workdir)))
-  start = time.perf_counter()
-  last_eval: dict[str, Any] = {}
-  diverged = None
-  saving = ck.enabled
-
-  def due(every: int, step: int) -> bool:
-    return every > 0 and (step % every == 0 or step == config.num_steps - 1)
-
-  try:
-    for step in range(start_step, config.num_steps):
-      batch = full if full is not None else put_batch(next(iterator), what="batch")
-      extra = {}
-      if lanczos is not None and due(p.lanczos_every, step):
-        extra["curv/lambda_max"], extra["curv/lambda_max_converged"] = lanczos(
-            state.params, batch, probe_stream_key(probe_key, step, "lambda_max"))
-      if relative is not None and due(p.relative_every, step):
-        rel = relative(state.params, state.opt_state, batch, rel_guess)
-        rel_guess = rel.step_size
-        for i, li in enumerate(TASKS):
-          for j, dj in enumerate(TASKS):
-            extra[f"curv/relative/{li}_along_{dj}"] = rel.sharpness[i, j]
-            extra[f"curv/relative_status/{li}_along_{dj}"] = rel.status[i, j]
-      if config.eval_every and step % config.eval_every == 0:
-        extra.update(eval_step(state.params, eval_batch))
-        last_eval_loss = {"eval/loss": extra["eval/loss"]}
-      new_state, metrics = train_step(state, batch)
-      if precond is not None and due(p.preconditioned_every, step):
-        # P from the state after the step: v̂_t holds g_t, as in the unit-LR update Δθ_t.
-        key = probe_stream_key(probe_key, step, "preconditioned")
-        (extra["curv/preconditioned_sharpness"],
-         extra["curv/preconditioned_converged"]) = precond(
-             state.params, new_state.opt_state, batch, key)
-      metrics.update(extra)
-      metrics = jax.device_get(metrics)
-      mout = None
-      if monitor is not None:
-        # Host (NumPy) inputs: the same jit signature whatever device arrays the step made.
-        new_mstate, mout = monitor.update(mstate, monitor.inputs_of(metrics))
-        metrics.update(jax.device_get(mout.metrics))
-      finite = math.isfinite(float(metrics["train/loss"]))
-
-      # What the monitor asks for (documented in experiments.monitoring).
-      reason = int(metrics["monitor/anomaly_reason"]) if mout is not None else 0
-      emergency = bool(reason & monitor.emergency_mask) if mout is not None else False
-      emergency = (emergency and mgr is not None
-                   and host_int("emergency_saves") < m.max_emergency_saves)
-      rollback = (mout is not None and bool(reason & monitor.rollback_mask)
-                  and host_int("rollbacks") < m.max_rollbacks)
-      stop = not finite and not rollback
-      if mout is not None:
-        level = monitoring.tier_level(float(metrics["monitor/p_converged"]),
-                                      int(metrics["monitor/decision"]), monitor.thresholds)
-        metrics["monitor/tier"] = level
-        metrics["monitor/action"] = ((monitoring.ACTION_EMERGENCY_SAVE if emergency else 0)
-                                     | (monitoring.ACTION_ROLLBACK if rollback else 0)
-                                     | (monitoring.ACTION_STOP if stop else 0))
-      if (step % config.log_every == 0 or extra or not finite or reason
-          or metrics.get("monitor/eos_oscillation") or step == config.num_steps - 1):
-        writer.write(step, metrics)
-      last_row = {k: _to_python(v) for k, v in metrics.items()}
-
-      if mout is not None:
-        if (step % m.audit_every == 0 or bool(mout.changed) or reason
-            or step == config.num_steps - 1):
-          audit(monitor.audit_record(step, new_mstate, mout))
-        if emergency:
-          # The state before the flagged update, with the monitor state of that moment, so a
-          # resume from this checkpoint replays step `step` exactly.
-          why = (f"anomaly at step {step}: {', '.join(convergence.reason_names(reason))} "
-                 f"(train/loss={metrics['train/loss']})")
-          mgr.emergency_save(step, _payload(state, probe_key, rel_guess, packed_monitor()),
-                             reason=why,
-                             metadata={**static_meta,
-                                       "data_position": _iterator_position(iterator)})
-          logging.warning("emergency checkpoint at step %d: %s", step, why)
-          emergency_at = step
-          new_mstate = new_mstate._replace(host=new_mstate.host._replace(
-              emergency_saves=jnp.int32(host_int("emergency_saves") + 1)))
-        # Edge-of-stability oscillation: audited and logged, not an anomaly (no save, no warning).
-        for rec in monitor.eos_events(step, mstate, new_mstate, metrics):
-          audit(rec)
-          if rec["phase"] == "start":
-            logging.info("edge-of-stability oscillation from step %d (%s, η·λ_c=%s): logged as "
-                         "monitor/eos_oscillation, not an anomaly", step,
-                         ", ".join(rec["reasons"]), rec["curv/lr_sharpness"])
-        mstate = new_mstate
-        if emergency or rollback or stop:
-          audit({"event": "anomaly", "step": step, "reasons": convergence.reason_names(reason),
-                 "train/loss": metrics["train/loss"], "emergency_checkpoint": emergency,
-                 "action": "rollback" if rollback else ("stop" if stop else "continue")})
-
-      if rollback:
-        # Back to the last good state, the state before the flagged update: the emergency
-        # checkpoint at this step is restored (checksums verified) and must equal the copy
-        # the loop still holds, which it continues from (arrays restored by Orbax are
-        # committed to a device and would make every jitted function compile again). The
-        # flagged update is skipped: its batch is dropped and the step counter advances,
-        # as in optax.apply_if_finite.
-        if mgr is not None and step in mgr.all_steps():
-          good = {"train": state, "host": {"rel_guess": rel_guess}}
-          restored = mgr.restore(step, checkpointing.abstract(
-              _payload(state, probe_key, rel_guess, packed_monitor()))).state
-          restored = {"train": restored["train"], "host": restored["host"]}
-          same = [np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(
-              jax.tree.leaves(jax.device_get(good)), jax.tree.leaves(jax.device_get(restored)))]
-          if not all(same):  # bit for bit (NaN probe diagnostics included)
-            raise RuntimeError(f"the emergency checkpoint at step {step} differs from the "
-                               "in-memory state it was written from; not rolling back.")
-        state = canonical_state(state._replace(step=jnp.int32(step + 1)))
-        host(rollbacks=host_int("rollbacks") + 1)
-        logging.warning("rolled back at step %d: skipped the update of batch %d", step, step)
-      elif stop:
-        diverged = step
-        break
-      else:
-        state = new_state
-      if step == start_step:  # compiled: start the bar's clock now, so its ETA leaves that out
-        bar.start_t = bar.last_print_t = time.time()
-      bar.update(1)
-      if step % 10 == 0 or step == config.num_steps - 1:
-        bar.set_postfix(_postfix(last_row), refresh=False)
-
-      if monitor is not None:
-        if level < 3 and host_int("released"):
-          host(released=0)
-        promote(step)
-      done = step + 1
-      if saving and done < config.num_steps:
-        regular = done % ck.every == 0
-        if regular or done in boundaries:
-          save(done, step, force=not regular, reason=boundaries.get(done))
-    if diverged is None:
-      last_eval = {k: _to_python(v)
-                   for k, v in jax.device_get(eval_step(state.params, eval_batch)).items()}
-      writer.write(config.num_steps, last_eval)
-      if saving and mgr.latest_step() != config.num_steps:
-        last_eval_loss = {"eval/loss": last_eval["eval/loss"]}
-        forced = config.num_steps % ck.every != 0 or config.num_steps in boundaries
-        why = "; ".join(r for r in ("end of run" if config.num_steps % ck.every else None,
-                                    boundaries.get(config.num_steps)) if r)
-        save(config.num_steps, config.num_steps - 1, force=forced, reason=why or None)
-  except BaseException:
-    if mgr is not None:  # wait for a save in flight, but do not mask the error
-      checkpointing.close_after_error(mgr)
-      mgr = None
-    raise
-  finally:
-    bar.close()
-    writer.close()
-  if mgr is not None:
-    mgr.close()  # waits for the last asynchronous save; raises if it failed
-
-  wall = time.perf_counter() - start
-  steps_done = config.num_steps if diverged is None else diverged + 1
-  jitted = {"train_step": train_step, "eval_step": eval_step, "lanczos": lanczos,
-            "preconditioned": precond, "relative": relative,
-            "monitor": monitor.update if monitor is not None else None}
-  counts = {k: f._cache_size() for k, f in jitted.items() if f is not None}  # pylint: disable=protected-access
-  compilations = max(counts.values())
-  if compilations > 1:
-    logging.warning("jitted functions compiled more than once (expected 1 each): %s; some "
-                    "input changed shape, dtype or weak type between steps.", counts)
-  if config.plots and is_primary:
-    from experiments import plots  # pylint: disable=g-import-not-at-top
-    plots.make_plots(workdir)
-
-  if diverged is not None:
-    lr = last_row.get("train/lr", float("nan"))
-    raise TrainingDiverged(
-        f"training loss became non-finite ({last_row.get('train/loss')}) at step {diverged} "
-        f"(learning rate {lr:.4g}, λ_c {last_row.get('curv/critical_sharpness', float('nan')):.4g}"
-        f", 2/η {2 / lr if lr else float('inf'):.4g}). Metrics up to and including that step "
-        f"are in {writer.path}; plots in {os.path.join(workdir, 'plots')}."
-        + (f" The state before that update is the emergency checkpoint {diverged} in "
-           f"{checkpointing.checkpoint_dir(workdir)}." if emergency_at == diverged else "")
-        + " Lower optimizer.learning_rate or set optimizer.grad_clip"
-        + ("." if monitor is None or config.monitor.rollback_on_anomaly else
-           ", or set monitor.rollback_on_anomaly=True to skip a poisoned update."))
-
-  summary = {
-      "steps": steps_done,
-      "resumed_from_step": start_step if resuming else None,
-      "train/loss": last_row.get("train/loss"),
-      **last_eval,
-      "wall_seconds": wall,
-      "steps_per_second": (steps_done - start_step) / wall if wall > 0 else float("inf"),
-      "jit_compilations": compilations,
-  }
-  if mstate is not None:
-    summary.update({
-        "monitor/p_converged": last_row.get("monitor/p_converged"),
-        "monitor/decision": last_row.get("monitor/decision"),
-        "monitor/anomalies": int(mstate.detector.total_flagged),
-        "monitor/eos_oscillations": int(mstate.detector.total_eos),
-        "monitor/emergency_saves": host_int("emergency_saves"),
-        "monitor/rollbacks": host_int("rollbacks"),
-    })
-  logging.info("finished %d steps (%d in this process) in %.1f s (%.1f steps/s); final %s",
-               steps_done, steps_done - start_step, wall, summary["steps_per_second"], last_eval)
-  return summary
+def _diverged(config, workdir, step, last_row, metrics_path, monitor) -> TrainingDiverged:
+  lr = last_row.get("train/lr", float("nan"))
+  emergency = monitor is not None and monitor.emergency_at == step
+  return TrainingDiverged(
+      f"training loss became non-finite ({last_row.get('train/loss')}) at step {step} "
+      f"(learning rate {lr:.4g}, λ_c {last_row.get('curv/critical_sharpness', float('nan')):.4g}"
+      f", 2/η {2 / lr if lr else float('inf'):.4g}). Metrics up to and including that step "
+      f"are in {metrics_path}; plots in {os.path.join(workdir, 'plots')}."
+      + (f" The state before that update is the emergency checkpoint {step} in "
+         f"{checkpointing.checkpoint_dir(workdir)}." if emergency else "")
+      + " Lower optimizer.learning_rate or set optimizer.grad_clip"
+      + ("." if monitor is None or config.monitor.rollback_on_anomaly else
+         ", or set monitor.rollback_on_anomaly=True to skip a poisoned update."))

@@ -1,4 +1,4 @@
-"""Anomaly detector, optax guard and the seed-000 probes, against constructed ground truth."""
+"""Anomaly detector, optax guard and training-dynamics probes against constructed ground truth."""
 
 import functools
 import math
@@ -397,14 +397,14 @@ def test_forecast_too_few_points_is_nan():
   assert np.isnan(float(f.asymptote)) and np.isnan(float(f.prediction[0]))
 
 
-def test_forgetting_probe_flags_drop_not_noise():
+def test_detect_forgetting_flags_drop_not_noise():
   rng = np.random.default_rng(0)
   n, fit = 120, 60
   acc = 0.8 + 0.01 * rng.normal(size=n)
-  quiet = jax.jit(lambda v: an.forgetting_probe(v, fit_steps=fit))(jnp.asarray(acc))
+  quiet = jax.jit(lambda v: an.detect_forgetting(v, fit_steps=fit))(jnp.asarray(acc))
   assert int(quiet.first_alarm) == -1
   acc[90:] -= 0.1  # the old task drops by 10 SDs when the new task starts at step 90
-  probe = jax.jit(an.forgetting_probe, static_argnames=("fit_steps", "higher_is_better"))
+  probe = jax.jit(an.detect_forgetting, static_argnames=("fit_steps", "higher_is_better"))
   res = probe(jnp.asarray(acc), fit_steps=fit)
   assert int(res.first_alarm) == 92
   assert bool(res.below[90]) and not bool(np.any(np.asarray(res.below[:90])))

@@ -130,6 +130,22 @@ def test_round_trip_is_bit_exact_and_keeps_named_tuples(tmp_path):
   mgr.close()
 
 
+
+def test_zero_size_leaves_round_trip(tmp_path):
+  # Orbax refuses zero-size arrays (e.g. the rule counts of a controller without rules); the
+  # manager carries their shape and dtype in the manifest and refills them on restore.
+  state = {'w': jnp.arange(3.0), 'rules_fired': jnp.zeros((0,), jnp.int32),
+           'pair': (jnp.zeros((2, 0), jnp.bfloat16), jnp.int32(7))}
+  with TieredCheckpointManager(tmp_path) as mgr:
+    assert mgr.save(1, state)
+    restored = mgr.restore(1, abstract(state)).state
+    untargeted = mgr.restore(1).state
+  for got in (restored, untargeted):
+    assert got['rules_fired'].shape == (0,) and got['rules_fired'].dtype == jnp.int32
+    assert got['pair'][0].shape == (2, 0) and got['pair'][0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got['w'], state['w'])
+  assert isinstance(restored['pair'], tuple) and int(restored['pair'][1]) == 7
+
 # ------------------------------------------------------------------------------ retention
 
 

@@ -1,6 +1,6 @@
-"""Phase lag on synthetic ground truth (REFERENCES §7) and hysteresis areas of known loops.
+"""Phase lag on synthetic ground truth and hysteresis areas of known loops.
 
-Calibration over seeds (issue 9 §7), on a bumpy 1,600-step loss with delays up to 500:
+Calibration over seeds, on a bumpy 1,600-step loss with delays up to 500:
 - a metric that is independent white or AR(1) noise is "not identifiable" in ≥ 19 of 20 seeds
   (the circular-shift no-relation test at 5 %, 199 shifts);
 - planted lags of 0, 120 and 300 steps are identified in each of 10 seeds, within 10 % of the
@@ -101,7 +101,7 @@ def test_pooled_smooth_runs_with_a_shared_link_identify_the_delay():
 
 @pytest.mark.parametrize("kind", ["white", "ar1"])
 def test_independent_noise_metric_is_not_identifiable_in_19_of_20_seeds(kind):
-  # Issue 9 §7: before the no-relation test, white noise was "identified" in 7 of 20 seeds
+  # Before the no-relation test existed, white noise was "identified" in 7 of 20 seeds
   # at 1,600 steps, with intervals as narrow as [121, 121]. 20 seeds; AR(1) coefficient 0.9.
   results = [_calibration_run(seed, metric=kind) for seed in range(20)]
   identified = [r for r in results if r.status == _lag.IDENTIFIED]

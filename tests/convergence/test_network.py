@@ -149,7 +149,7 @@ def test_decision_freezes_during_conflict_and_resumes():
 
 
 def test_unsettled_dynamics_block_convergence():
-  # Issue 9 §5: no "converged" while a loss level shift or η·λ_c > 2 lies inside the
+  # No "converged" while a loss level shift or η·λ_c > 2 lies inside the
   # evidence window, however settled the windowed evidence looks.
   net = net_lib.convergence_network(["structural", "functional", "generalisation"],
                                     [20.0, 50.0, 100.0], settle_window=50)

@@ -246,6 +246,67 @@ def test_trajectory_monitor_in_chain():
     tx.update(params, s, params)
 
 
+def _model_updates(steps):
+  """Updates of a small two-layer model (a pytree of three leaves), slowly turning, with one
+  non-finite update at step 9 (to be skipped)."""
+  rng = np.random.default_rng(1)
+  shapes = {"dense": {"kernel": (3, 4), "bias": (4,)}, "head": (4,)}
+  prev = jax.tree.map(lambda s: rng.normal(size=s), shapes, is_leaf=lambda x: isinstance(x, tuple))
+  out = []
+  for t in range(steps):
+    prev = jax.tree.map(lambda x: 0.8 * x + 0.6 * rng.normal(size=x.shape), prev)
+    out.append(prev)
+  out[9] = jax.tree.map(lambda x: np.full_like(x, np.nan), out[9])
+  return out
+
+
+def test_monitor_cosines_equal_dense_numpy_on_a_model():
+  """The monitor keeps the lagged updates leaf by leaf; its cosines equal the previous
+  definition computed densely: cos of the ravelled model updates, in float64 NumPy."""
+  steps, max_lag, window = 40, 3, 6
+  ups = _model_updates(steps)
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), ups[0])
+  flat = np.stack([np.concatenate([np.ravel(x) for x in jax.tree.leaves(u)]) for u in ups])
+  ref = tj.cosine_profile(flat, max_lag=max_lag, window=window)   # skips row 9 like the stream
+  ok = np.all(np.isfinite(flat), 1)
+  kept = flat[ok]
+  dense = _numpy_cosines(kept, max_lag)                          # cos(u_t, u_{t-k}) in float64
+  np.testing.assert_allclose(ref.cos[ok], dense, atol=1e-12)
+  tx = tj.trajectory_monitor(half_width=5, max_lag=max_lag, window=window)
+  state = tx.init(params)
+  step = jax.jit(lambda u, s: tx.update(u, s, None, value=1.0)[1])
+  for t in range(steps):
+    state = step(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), ups[t]), state)
+    info = state.info
+    assert bool(info.update_finite) == ok[t]
+    if not ok[t]:
+      continue
+    # float32 inputs and products summed over D = 20 entries, then divided by two norms: the
+    # relative rounding is below (D + 4)·2⁻²⁴ ≈ 1.4e-6 of |u_t||u_s|, i.e. of a cosine's scale.
+    np.testing.assert_allclose(info.cos, ref.cos[t], atol=2e-6)
+    np.testing.assert_allclose(info.cos_mean, ref.window_mean[t], atol=2e-6)
+  assert int(state.info.num_skipped) == 1
+
+
+def test_monitor_state_is_laid_out_like_the_parameters():
+  """No ravel of the model: the K lagged updates are K pytrees with the parameters' structure,
+  shapes and dtypes; everything else in the state is O(K·W + h) floats, independent of P."""
+  params = {"w": jnp.zeros((64, 32), jnp.bfloat16), "b": jnp.zeros((32,), jnp.float32)}
+  num_params = 64 * 32 + 32
+  for max_lag in (1, 3):
+    state = tj.trajectory_monitor(half_width=5, max_lag=max_lag, window=8).init(params)
+    dirs = state.tracker.directions
+    assert len(dirs) == max_lag
+    for d in dirs:
+      assert jax.tree.structure(d) == jax.tree.structure(params)
+      for got, want in zip(jax.tree.leaves(d), jax.tree.leaves(params)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+    rest = sum(np.size(x) for x in jax.tree.leaves(state.tracker._replace(directions=())))
+    assert rest <= 2 * max_lag * 8 + 3 * max_lag + 4 * 11 + 64 < num_params
+  off = tj.trajectory_monitor(half_width=5, max_lag=3, track_updates=False).init(params)
+  assert not jax.tree.leaves(off.tracker.directions)
+
+
 def test_offline_from_jsonl(tmp_path):
   truth = _exp_curve()[0][:1000]
   y = truth + 0.01 * np.random.default_rng(0).normal(size=1000)

@@ -91,7 +91,8 @@ def test_top5_default_iters_float64(x64, model):
   f = jax.jit(lambda p, data: hessian_eigenvalues(lambda q: loss(q, *data), p, k=5))
   out = f(params, data)
   assert out.eigenvalues.dtype == jnp.float64
-  assert _lanczos.default_num_iters(5, h.shape[0]) == 55 <= int(out.num_iters)
+  # Stopped on the residual test before the 55-vector cap (44 and 28 steps here).
+  assert 5 <= int(out.num_iters) < _lanczos.default_num_iters(5, h.shape[0]) == 55
   assert bool(out.converged) and np.all(np.asarray(out.residuals) <= 1e-6)
   assert _rel_err(out.eigenvalues, eigs[:5]) <= 1e-5
   assert np.all(np.diff(np.asarray(out.eigenvalues)) <= 0)
@@ -158,6 +159,65 @@ def test_clustered_spectrum(x64, bulk):
     assert np.max(np.asarray(single.residuals)) > 1e-6
 
 
+# A spectrum with a clear top: 12, 10, 9 above a bulk spread over [-1, 8]; the first 3
+# eigenvalues and the stopping point are known in advance of any Lanczos run.
+_SEPARATED = np.concatenate([[12.0, 10.0, 9.0], np.linspace(-1.0, 8.0, 197)])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_stops_at_first_converged_check(dtype):
+  with jax.enable_x64(dtype == jnp.float64):
+    loss, params = _quadratic(_SEPARATED, seed=4, split=(8, 10))
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    run = lambda **kw: jax.jit(lambda p: hessian_eigenvalues(loss, p, k=3, **kw))(params)
+    out = run()
+    stop = int(out.num_iters)
+    tol = _lanczos.default_tol(dtype)
+    # Early stop: fewer steps than the 45-vector cap, at a check (every c steps).
+    c = _lanczos.DEFAULT_CHECK_EVERY
+    assert stop < _lanczos.default_num_iters(3, 200) == 45 and stop % c == 0
+    assert bool(out.converged) and np.all(np.asarray(out.residuals) <= tol)
+    # The first such check: one check earlier, with the basis capped there and no restart,
+    # the same run (same start vector) reports its residuals above tol.
+    before = run(num_iters=stop - c, max_restarts=0)
+    assert int(before.num_iters) == stop - c and not bool(before.converged)
+    assert np.max(np.asarray(before.residuals)) > tol
+    # Against the known spectrum: within the default accuracy (1e-5 float64, 1e-4 float32).
+    assert _rel_err(out.eigenvalues, _SEPARATED[:3]) <= (1e-5 if dtype == jnp.float64 else 1e-4)
+    # Checking after every step stops no later and less than c steps earlier.
+    every = run(check_every=1)
+    assert stop - c < int(every.num_iters) <= stop and bool(every.converged)
+
+
+def test_converged_flag_is_honest(x64):
+  loss, params = _quadratic(_SEPARATED, seed=5, split=(8, 10))
+  run = lambda **kw: jax.jit(lambda p: hessian_eigenvalues(loss, p, **kw))(params)
+  # tol below float64's epsilon, where reported residuals are floored: unreachable. The
+  # whole budget is spent (40 steps, then 2 restarts of 40 - p + 1 = 21 steps: p = 20 Ritz
+  # vectors kept, one of them expanded again) and the flag says so.
+  out = run(k=1, tol=1e-30, max_restarts=2)
+  assert not bool(out.converged) and int(out.num_iters) == 40 + 2 * 21
+  assert float(out.residuals[0]) >= np.finfo(np.float64).eps
+  # A budget too small for the default tol: 8 steps and one restart of 5 (k=1: p = 4).
+  out = run(k=1, num_iters=8, max_restarts=1, return_eigenvectors=True)
+  assert int(out.num_iters) == 13 and not bool(out.converged)
+  assert float(out.residuals[0]) > 1e-6
+  # The reported residual is the true ||H y - θ y|| / |θ| of the returned unit Ritz vector,
+  # and bounds the error against the known eigenvalue (Kahan: |θ - λ| <= ||H y - θ y||).
+  unflat = lambda z: {"m": jnp.asarray(z[:80].reshape(8, 10)), "v": jnp.asarray(z[80:])}
+  flat = lambda t: np.concatenate([np.asarray(t["m"]).ravel(), np.asarray(t["v"])])
+  y = flat(jax.tree.map(lambda e: e[0], out.eigenvectors))
+  hy = flat(jax.grad(loss)(unflat(y)))                       # H y for the quadratic
+  theta = float(out.eigenvalues[0])
+  true_res = np.linalg.norm(hy - theta * y) / abs(theta)
+  np.testing.assert_allclose(float(out.residuals[0]), true_res, rtol=1e-6)
+  assert abs(theta - 12.0) <= true_res * abs(theta)
+  # Top-3 from 6 steps, no restart.
+  out = run(k=3, num_iters=6, max_restarts=0)
+  assert int(out.num_iters) == 6 and not bool(out.converged)
+  assert np.max(np.asarray(out.residuals)) > 1e-6
+
+
 def test_dimension_below_num_iters_and_breakdown(x64):
   # dim 6 < default 40 steps: clipped to 6, exact.
   eigs = np.array([3.0, 2.0, 1.0, 0.5, -1.0, -2.0])
@@ -220,6 +280,7 @@ def test_seed_and_default_key_deterministic():
 @pytest.mark.parametrize("kwargs, match", [
     ({"k": 0}, "`k`"), ({"k": 2.0}, "`k`"), ({"k": 31}, "`k`"),
     ({"num_iters": 0}, "`num_iters`"), ({"k": 3, "num_iters": 2}, "`num_iters`"),
+    ({"check_every": 0}, "`check_every`"), ({"check_every": 2.0}, "`check_every`"),
 ])
 def test_bad_arguments(kwargs, match):
   params = {"w": jnp.ones(30)}

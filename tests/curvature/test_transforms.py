@@ -292,3 +292,30 @@ def test_controller_brakes_along_an_ascent_direction():
     assert int(state.probe.info.status) == status
     assert float(state.scale) == want
     np.testing.assert_array_equal(out["w"], want * u["w"])  # x·2^k is exact
+
+
+def test_convex_bracket_probe_matches_the_formula_in_fewer_evaluations():
+  # On a quadratic (convex along every line) both brackets hold λ_c within 2^-4/(2 − 2^-4)
+  # = 1/31 of gᵀAg/gᵀg (NumPy), plus float32 rounding of the bracket ends.
+  a, _, params, loss_fn = _quadratic(seed=8)
+  an = np.asarray(a)
+  evals = {}
+  for bracket in ("trials", "convex"):
+    tx = optax.chain(curvature.critical_sharpness_probe(bracket=bracket),
+                     optax.scale_by_learning_rate(0.02))
+
+    @jax.jit
+    def step(p, state):
+      loss, g = jax.value_and_grad(loss_fn)(p, 0.0)
+      u, state = tx.update(g, state, p, value=loss, grad=g, value_fn=lambda q: loss_fn(q, 0.0))
+      return optax.apply_updates(p, u), state
+
+    state, p, counts = tx.init(params), params, []
+    for _ in range(12):
+      w = an @ np.asarray(p["w"])
+      p, state = step(p, state)
+      np.testing.assert_allclose(state[0].info.sharpness, (w @ an @ w) / (w @ w),
+                                 rtol=1 / 31 + 1e-5)
+      counts.append(int(state[0].info.num_evals))
+    evals[bracket] = np.mean(counts[1:])
+  assert evals["convex"] <= evals["trials"] <= 3

@@ -6,12 +6,15 @@ special cases and limits, JSD symmetry at β = 0.5, the T² scaling of the soft-
 gradient; central finite differences in float64.
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import distill
 from distill import _divergences as dv
 
 LOSSES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl",
@@ -370,14 +373,14 @@ def test_nan_at_unmasked_position_propagates():
     (lambda s, t: dv.generalized_jsd(s, t, beta=1.5), "`beta`"),
     (lambda s, t: dv.skew_kl(s, t, alpha=2.0), "`alpha`"),
     (lambda s, t: dv.skew_reverse_kl(s, t, alpha=-1), "`alpha`"),
-    (lambda s, t: dv.hinton_loss(s, t, jnp.zeros((2, 3), int), alpha=1.2), "`alpha`"),
+    (lambda s, t: dv.hinton_loss(s, t, labels=jnp.zeros((2, 3), int), alpha=1.2), "`alpha`"),
     (lambda s, t: dv.forward_kl(s, t, weights=jnp.ones((2, 4))), "`weights`"),
     (lambda s, t: dv.forward_kl(s, t, weights=jnp.ones((2, 3, 5))), "`weights`"),
     (lambda s, t: dv.forward_kl(s, t, weights=jnp.ones((2, 3), int)), "`weights`"),
     (lambda s, t: dv.forward_kl(s, t, mask=jnp.ones((3, 2), bool)), "`mask`"),
-    (lambda s, t: dv.hinton_loss(s, t, jnp.zeros((2, 4), int)), "`labels`"),
-    (lambda s, t: dv.hinton_loss(s, t, jnp.zeros((2, 3))), "`labels`"),
-    (lambda s, t: dv.hinton_loss(s, t, None), "`labels`"),
+    (lambda s, t: dv.hinton_loss(s, t, labels=jnp.zeros((2, 4), int)), "`labels`"),
+    (lambda s, t: dv.hinton_loss(s, t, labels=jnp.zeros((2, 3))), "`labels`"),
+    (lambda s, t: dv.hinton_loss(s, t, labels=None), "`labels`"),
     (lambda s, t: dv.token_loss("hinton", s, t), "`labels`"),
     (lambda s, t: dv.token_loss("kl", s, t), "`loss`"),
     (lambda s, t: dv.forward_kl(s, t, reduction="batchmean"), "`reduction`"),
@@ -403,3 +406,57 @@ def test_traced_temperature_and_no_recompilation():
   assert len(traces) == 1
   np.testing.assert_allclose(a, dv.soft_target_kl(s, t, temperature=2.0), rtol=1e-6)
   np.testing.assert_allclose(b, dv.soft_target_kl(s + 1e-3, t, temperature=3.0), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- one naming rule
+
+
+def test_token_and_feature_losses_take_mask_weights_and_labels_alike():
+  """``mask`` (padding) and ``weights`` (float per position) are keyword arguments of every
+  token and feature loss; ``labels`` is keyword-only in hinton_loss, token_loss and
+  chunked_token_loss (three different positional layouts, so one keyword)."""
+  losses = [distill.forward_kl, distill.reverse_kl, distill.generalized_jsd, distill.skew_kl,
+            distill.skew_reverse_kl, distill.soft_target_kl, distill.hinton_loss,
+            distill.token_loss, distill.chunked_token_loss, distill.cosine_angular_loss,
+            distill.reconstruction_l1]
+  for f in losses:
+    params = inspect.signature(f).parameters
+    for name in ("mask", "weights"):
+      assert params[name].kind == inspect.Parameter.KEYWORD_ONLY, (f.__name__, name)
+  for f in (distill.hinton_loss, distill.token_loss, distill.chunked_token_loss):
+    assert inspect.signature(f).parameters["labels"].kind == inspect.Parameter.KEYWORD_ONLY
+
+
+def _np_cosine_angular(s, t, angular_weight):
+  s_hat = s / np.linalg.norm(s, axis=-1, keepdims=True)
+  t_hat = t / np.linalg.norm(t, axis=-1, keepdims=True)
+  theta = np.arccos(np.clip(np.sum(s_hat * t_hat, -1), -1.0, 1.0))
+  return 1.0 - np.cos(theta) + angular_weight * theta ** 2
+
+
+@pytest.mark.parametrize("kind", ["cosine", "l1"])
+def test_feature_losses_mask_drops_nan_positions_and_weights_weigh(kind):
+  """Feature losses follow the token losses: a masked position adds nothing to the value or
+  the gradient even when it is NaN, and ``weights`` give Σ w m d / Σ w m. (Before, ``mask``
+  was a weight, so NaN·0 made the loss NaN, and there was no ``weights``.)"""
+  rng = np.random.default_rng(5)
+  s, t = rng.normal(size=(2, 5, 6)), rng.normal(size=(2, 5, 6))
+  mask = rng.uniform(size=(2, 5)) > 0.3
+  w = rng.uniform(0.2, 3.0, size=(2, 5))
+  s_nan = np.where(mask[..., None], s, np.nan)
+  if kind == "cosine":
+    f = lambda a, b: distill.cosine_angular_loss(a, b, angular_weight=0.5,
+                                                 mask=jnp.asarray(mask), weights=jnp.asarray(w))
+    d = _np_cosine_angular(s, t, 0.5)
+  else:
+    f = lambda a, b: distill.reconstruction_l1(a, b, mask=jnp.asarray(mask),
+                                               weights=jnp.asarray(w))
+    d = np.mean(np.abs(s - t), -1)
+  expected = np.sum(w * mask * d) / np.sum(w * mask)
+  value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(s_nan, jnp.float32),
+                                              jnp.asarray(t, jnp.float32))
+  # float32 against float64: a few roundings per position over D = 6 and 10 positions, and
+  # arccos vs the atan2 form near well-separated angles: 1e-5 relative covers them.
+  np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  assert np.all(np.asarray(grad)[~mask] == 0)

@@ -11,6 +11,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -120,7 +121,7 @@ def test_mmd_matches_double_loop(unbiased, seed):
 
 def test_mmd_identical_samples_and_bandwidth_gradient():
   x = jax.random.normal(jax.random.key(1), (32, 8))
-  kernel = F.MMDKernel(3, features=8)
+  kernel = F.MMDKernel(3, bandwidth="learned", features=8)
   assert abs(float(kernel(x, x))) < 1e-6
   y = x + 1.0
   log_bw = kernel.log_bandwidths[...]
@@ -134,6 +135,64 @@ def test_mmd_identical_samples_and_bandwidth_gradient():
   assert out.dtype == jnp.float32 and float(out) >= 0
   mb = F.median_log_bandwidths(x, y)
   assert mb.shape == (3,) and np.all(np.isfinite(np.asarray(mb)))
+
+
+def _np_median_log_bw(x, y, scales, w=None):
+  z = np.concatenate([x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])]).astype(np.float64)
+  keep = np.ones(len(z), bool) if w is None else w > 0
+  z = z[keep]
+  d = np.sum((z[:, None] - z[None]) ** 2, -1)[np.triu_indices(len(z), 1)]
+  return np.log(np.asarray(scales) * np.sqrt(0.5 * np.median(d)))
+
+
+def test_median_log_bandwidths_match_numpy_with_masks_and_subsampling():
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(3, 7, 5)).astype(np.float32)
+  y = (rng.normal(size=(4, 6, 5)) * 2.0 + 0.5).astype(np.float32)
+  xm = (rng.uniform(size=(3, 7)) > 0.3).astype(np.float32)
+  scales = (0.5, 1.0, 2.0)
+  out = jax.jit(lambda a, b, m: F.median_log_bandwidths(a, b, scales, x_mask=m))(x, y, xm)
+  w = np.concatenate([xm.reshape(-1), np.ones(24)])
+  # float32 distances of O(10) summed over 5 features: relative error ~1e-6, halved by sqrt
+  np.testing.assert_allclose(np.asarray(out), _np_median_log_bw(x, y, scales, w), atol=1e-5)
+  sub = F.median_log_bandwidths(x, y, scales, max_samples=10)  # 45 pooled → every 5th
+  z = np.concatenate([x.reshape(-1, 5), y.reshape(-1, 5)])[::5]
+  np.testing.assert_allclose(np.asarray(sub), _np_median_log_bw(z, z[:0], scales), atol=1e-5)
+
+
+def test_mmd_kernel_has_no_bandwidth_for_descent_to_collapse():
+  """Regression: the kernel's log-bandwidths were an ``nnx.Param``, so descent on the
+  distillation objective minimised MMD² over the kernel and collapsed it (300 Adam steps on
+  fixed samples took MMD² 0.074 → 0.014). The default kernel now takes them from the median
+  heuristic of the samples and holds no parameter: descent leaves MMD² where it is."""
+  rng = np.random.default_rng(5)
+  s = jnp.asarray(rng.normal(size=(1, 4, 12, 8)), jnp.float32)  # [L, B, T, D]
+  t = jnp.asarray(rng.normal(size=(1, 4, 12, 8)) * 1.5 + 0.3, jnp.float32)
+  distiller = F.FeatureDistiller({"pre_act": 8}, {"pre_act": 8}, num_student_layers=1,
+                                 num_teacher_layers=1, slice_losses={"pre_act": "mmd"},
+                                 rngs=nnx.Rngs(0))
+  graph, params, rest = nnx.split(distiller, nnx.Param, ...)
+
+  def loss(p):
+    return nnx.merge(graph, p, rest)({"pre_act": s}, {"pre_act": t})[0]
+
+  tx = optax.adam(1e-2)
+
+  def body(carry, _):
+    p, st = carry
+    u, st = tx.update(jax.grad(loss)(p), st, p)
+    return (optax.apply_updates(p, u), st), None
+
+  (trained, _), _ = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None, length=100))(
+      params)
+  before, after = float(jax.jit(loss)(params)), float(jax.jit(loss)(trained))
+  assert after == before  # the same program on the same values: bit-identical
+  sample_s, sample_t = np.asarray(s[0], np.float64), np.asarray(t[0], np.float64)
+  log_bw = _np_median_log_bw(sample_s, sample_t, (0.5, 1.0, 2.0))
+  # float32 kernel sums over 96² pairs against float64: 1e-5 relative
+  np.testing.assert_allclose(before, _np_mmd(sample_s, sample_t, log_bw, np.full(3, 1 / 3)),
+                             rtol=1e-4)
+  assert before > 1e-3
 
 
 # ------------------------------------------------------------------ reconstruction
@@ -193,6 +252,9 @@ def test_geometric_weights():
     (lambda: F.reconstruction_l1(jnp.ones((2, 3)), jnp.ones((2, 4))), "reconstruction"),
     (lambda: F.attention_from_qkv(jnp.ones((2, 4, 12)), 3), "num_heads"),
     (lambda: F.MMDKernel(0), "num_kernels"),
+    (lambda: F.MMDKernel(2, bandwidth="fixed"), "bandwidth"),
+    (lambda: F.median_log_bandwidths(jnp.ones((2, 3)), jnp.ones((2, 3)), max_samples=1),
+     "max_samples"),
 ])
 def test_bad_arguments_name_themselves(call, name):
   with pytest.raises(ValueError, match=f"`{name}`"):
@@ -285,7 +347,8 @@ def test_feature_distiller_jit_and_gradients(gpts):
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
   for g in jax.tree.leaves(grads):
     assert np.all(np.isfinite(np.asarray(g)))
-  assert float(jnp.abs(grads[1]["kernels"]["pre_act"]["log_bandwidths"][...]).sum()) > 0
+  # The MMD kernel's bandwidths come from the data: nothing of it is in the trained params.
+  assert "pre_act" in distiller.kernels and "kernels" not in grads[1]
   # a second call with new values does not recompile
   step(s_params, d_params, t_params, tokens + 1, mask)
   assert step._cache_size() == 1

@@ -148,7 +148,7 @@ def test_runtime_features_against_numpy():
 
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_runtime_features_ignore_labels_of_minus_100(with_mask):
-  # Regression (issue 10 §4.2): labels of -100 (the "ignore" convention) gave NaN features,
+  # Regression: labels of -100 (the "ignore" convention) gave NaN features,
   # also where the mask excluded those positions; hinton_loss on the same input is finite.
   rng = np.random.default_rng(1)
   s = rng.normal(size=(2, 6, 5)).astype(np.float32)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import convergence
 from distill import _strategy as strategy
 
 CORE = ("val/loss", "val/kl", "val/ppl")
@@ -28,7 +29,8 @@ def _run_controller(ctrl, rows, log=None):
   for metrics in rows:
     new = update(state, metrics)
     if log is not None:
-      log.write(state, new, metrics)
+      for r in strategy.audit_records(state, new, metrics):
+        log.append(r)
     if bool(new.info.transitioned):
       fired.append(int(new.evaluation))
     state = new
@@ -76,7 +78,7 @@ def test_needs_min_stable_metrics_and_targets_and_stage_cap():
 def test_nan_metric_blocks_transition_until_it_leaves_the_window_and_is_logged(tmp_path):
   values = [(1.0, 2.0, 3.0)] * 20
   values[6] = (1.0, float("nan"), 3.0)                         # evaluation 7
-  log = strategy.AuditLog(tmp_path / "audit.jsonl")
+  log = convergence.AuditLog(tmp_path / "audit.jsonl")  # the one audit log
   _, fired = _run_controller(_controller(), _rows(values), log)
   # The NaN sits in windows ending at evaluations 7..16; the first clean full window ends at 17.
   assert fired == [17]
@@ -109,12 +111,14 @@ def test_reweight_clip_accumulation_and_stall_rules(tmp_path):
       dict(base, **{"val/collapse": 1.0, "clip/spread": 1.0, "grad/noise": 0.5}),
   ]
   update = jax.jit(ctrl.update)
-  log = strategy.AuditLog(tmp_path / "a.jsonl", rule_names=["collapse"])
+  log = convergence.AuditLog(tmp_path / "a.jsonl")
   state = ctrl.init()
   history = []
   for m in evals:
     new = update(state, m)
-    log.write(state, new, m, step=100 * (len(history) + 1))
+    for r in strategy.audit_records(state, new, m, step=100 * (len(history) + 1),
+                                    rule_names=["collapse"]):
+      log.append(r)
     history.append(new)
     state = new
   w = [(float(s.loss_weights["kd"]), float(s.loss_weights["ce"])) for s in history]

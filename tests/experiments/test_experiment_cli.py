@@ -143,6 +143,29 @@ def test_cli_dry_run_prints_the_config_without_jax(tmp_path):
   assert not workdir.exists()
 
 
+def test_cli_compare_dry_run_prints_every_preset_without_jax():
+  code = ("import runpy, sys\n"
+          "sys.argv = ['run', '--config=configs/distill.py:smoke', '--compare=ce,temporal+adaptive', "
+          "'--config.num_steps=7', '--dry_run']\n"
+          "try:\n  runpy.run_module('experiments.run', run_name='__main__')\n"
+          "except SystemExit as e:\n  status = e.code or 0\n"
+          "print('jax imported:', 'jax' in sys.modules, 'status:', status, file=sys.stderr)\n")
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert "jax imported: False status: 0" in proc.stderr, proc.stderr[-3000:]
+  printed = json.loads(proc.stdout)
+  from experiments import config_lib  # pylint: disable=g-import-not-at-top
+  for name, presets in (("ce", "ce,smoke"), ("temporal+adaptive", "temporal,adaptive,smoke")):
+    expected = config_lib.load_config(f"configs/distill.py:{presets}", {"num_steps": 7})
+    assert printed[name] == json.loads(json.dumps(expected.to_dict())), name
+  assert set(printed) == {"ce", "temporal+adaptive"}
+  _one_error(_cli("--config=configs/olmo_style.py:smoke", "--compare=all", "--dry_run"),
+             "--compare runs distillation presets")
+  _one_error(_cli("--config=configs/distill.py", "--compare=hintn", "--dry_run"),
+             "unknown preset(s) ['hintn']")
+
+
 def test_cli_jax_backend_probe_filter():
   from experiments import run  # pylint: disable=g-import-not-at-top
 
@@ -168,8 +191,9 @@ def _plots(*args):
 
 def test_plots_cli_help_and_errors(tmp_path):
   proc = _plots("--help")
-  assert proc.returncode == 0 and "python -m experiments.plots RUN_DIR" in proc.stdout, proc
+  assert proc.returncode == 0 and "python -m experiments.plots --workdir=RUN_DIR" in proc.stdout
   assert "--workdir" in proc.stdout and proc.stderr == ""
-  _one_error(_plots(), "usage: python -m experiments.plots RUN_DIR")
+  _one_error(_plots(), "usage: python -m experiments.plots --workdir=RUN_DIR")
+  _one_error(_plots("--workdir", str(tmp_path / "nope")), "does not exist")
   _one_error(_plots(str(tmp_path / "nope")), "does not exist")
   _one_error(_plots(str(tmp_path)), "no metrics.jsonl")

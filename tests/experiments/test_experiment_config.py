@@ -1,6 +1,9 @@
 """Configs: presets load and validate; bad keys and values fail naming the field."""
 
 import glob
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +70,24 @@ def test_out_of_range_and_inconsistent_values():
                            {"probe.preconditioned_every": 5})
   with pytest.raises(ValueError, match="model.name.*gpt"):
     config_lib.load_config("configs/olmo_style.py:smoke", {"model.name": "mlp"})
+
+
+def test_distill_schema_names_the_library_slices_and_losses():
+  import distill  # pylint: disable=g-import-not-at-top
+  assert config_lib.FEATURE_SLICES == distill.SLICES
+  assert config_lib.FEATURE_LOSSES == distill.LOSS_KINDS
+  assert config_lib.parse_feature_slices(" pre_act=mmd, block_out=l1") == {
+      "pre_act": "mmd", "block_out": "l1"}
+
+
+def test_config_lib_imports_no_runner_and_no_jax():
+  """The schema sits below the runners: importing it loads neither a runner nor JAX."""
+  code = ("import sys; from experiments import config_lib; "
+          "print(sorted(m for m in sys.modules if m.startswith('experiments.') or m == 'jax'))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, check=True, cwd=os.path.dirname(os.path.dirname(
+                           os.path.dirname(os.path.abspath(__file__))))).stdout
+  assert out.strip() == "['experiments.config_lib']", out
 
 
 def _parse(argv):

@@ -11,12 +11,17 @@ import json
 import math
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+import distill
+from experiments import config_lib
 from experiments import data as data_lib
+from experiments import distill_objective
 from experiments import distillation
+from experiments import records
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.usefixtures("compile_cache")
@@ -117,7 +122,7 @@ def test_gated_fusion_weights_are_logged_and_trained(adaptive_run, hinton_run):
   assert summary["teacher/eval_loss"] == pytest.approx(hinton_run[1]["teacher/eval_loss"],
                                                       rel=1e-5)
   rows = [r for r in _rows(workdir) if "train/loss" in r]
-  terms = distillation.TERMS
+  terms = config_lib.DISTILL_TERMS
   for r in rows:
     assert all(math.isfinite(r[f"distill/{t}"]) for t in terms)
     assert sum(r[f"distill/weight/{t}"] for t in terms) == pytest.approx(1.0, abs=1e-6)
@@ -160,7 +165,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(adaptive_run, tmp_path,
   straight_dir, straight = adaptive_run
   workdir = str(tmp_path / "resumed")
   config = _adaptive(straight["teacher_dir"])
-  original = distillation.MetricsFile.write
+  original = records.MetricWriter.write
 
   def write(self, step, metrics):
     if step == 5:  # after checkpoint 4 and the controller's audit record of step 5
@@ -168,7 +173,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(adaptive_run, tmp_path,
     original(self, step, metrics)
 
   with monkeypatch.context() as m:
-    m.setattr(distillation.MetricsFile, "write", write)
+    m.setattr(records.MetricWriter, "write", write)
     with pytest.raises(Interrupted):
       distillation.distill_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:2] == ["2", "4"]
@@ -186,44 +191,75 @@ def test_interrupted_and_resumed_run_equals_straight_run(adaptive_run, tmp_path,
 def test_uncertainty_fusion_stays_selectable():
   """fusion='uncertainty' builds Kendall weighting whose log-variances are objective params
   (so they sit in the optimizer state beside the student's); 'fused' defaults to the gate."""
-  c = distillation.validate(_tiny("fused,smoke"))
+  c = config_lib.validate_config(_tiny("fused,smoke"))
   assert c.distill.fusion == "gated"
   c = _tiny("fused,smoke")
   c.distill.fusion = "uncertainty"
-  c = distillation.validate(c)
-  obj = distillation.Objective(c, c.model, c.distill.teacher, nnx.Rngs(params=0))
-  assert isinstance(obj.fusion, distillation.distill.UncertaintyFusion)
+  c = config_lib.validate_config(c)
+  obj = distill_objective.Objective(c, c.model, c.distill.teacher, nnx.Rngs(params=0))
+  assert isinstance(obj.fusion, distill.UncertaintyFusion)
   params = nnx.to_pure_dict(nnx.state(obj, nnx.Param))
   np.testing.assert_array_equal(params["fusion"]["log_vars"], np.zeros(5, np.float32))
 
 
+def test_optimizer_does_not_train_the_mmd_bandwidths():
+  """Regression: the MMD kernel's log-bandwidths were an ``nnx.Param`` of the objective, so
+  the student's optimizer minimised MMD over the kernel and collapsed it. The objective's
+  parameters (what the optimizer trains) are now the width projections and the fusion only."""
+  c = config_lib.validate_config(_tiny("features,smoke"))
+  assert config_lib.parse_feature_slices(c.distill.feature_slices)["pre_act"] == "mmd"
+  obj = distill_objective.Objective(c, c.model, c.distill.teacher, nnx.Rngs(params=0))
+  assert "pre_act" in obj.distiller.kernels
+  params = nnx.to_pure_dict(nnx.state(obj, nnx.Param))
+  assert set(params["distiller"]) == {"projections"}, params["distiller"].keys()
+
+
+def test_every_term_is_in_the_schema():
+  assert tuple(distill_objective.TERMS) == config_lib.DISTILL_TERMS
+  assert set(config_lib.METHOD_TERMS) == set(config_lib.DISTILL_METHODS)
+
+
 def test_token_types_of_characters():
-  table = distillation.token_type_table(data_lib.CharVocab.ascii().chars)
+  table = distill_objective.token_type_table(data_lib.CharVocab.ascii().chars)
   vocab = data_lib.CharVocab.ascii()
   got = [int(table[i]) for i in vocab.encode("a_Z9 \n\t(=\ufffd")]
   assert got == [0, 0, 0, 1, 2, 2, 2, 3, 3, 3]
-  assert distillation.gate_feature_names(("ce", "kd"))[-4:] == tuple(
-      f"token_type_{t}" for t in distillation.TOKEN_TYPES)
+  assert distill_objective.gate_feature_names(("ce", "kd"))[-4:] == tuple(
+      f"token_type_{t}" for t in distill_objective.TOKEN_TYPES)
 
 
 def test_bad_distill_block_rejected():
   c = _tiny("hinton,smoke")
   c.distill.method = "hintn"
   with pytest.raises(ValueError, match="distill.method"):
-    distillation.validate(c)
+    config_lib.validate_config(c)
   c = _tiny("fused,smoke")
   c.distill.fusion = "fixed"
   with pytest.raises(ValueError, match="needs a learned fusion"):
-    distillation.validate(c)
+    config_lib.validate_config(c)
   c = _tiny("fused,smoke")
   c.distill.gate.min_weight = 0.2
   with pytest.raises(ValueError, match="gate.min_weight"):
-    distillation.validate(c)
-  with pytest.raises(ValueError, match="adaptive must be True or False"):
-    distillation._check_field("adaptive", 1, bool, None)  # pylint: disable=protected-access
+    config_lib.validate_config(c)
+  raw = _tiny("hinton,smoke").to_dict()
+  raw["distill"]["adaptive"] = 1
+  with pytest.raises(ValueError, match="distill.adaptive must be a bool"):
+    config_lib.validate_config(ml_collections.ConfigDict(raw))
+  raw["distill"]["adaptive"] = False
+  raw["distill"]["temperatur"] = 2.0
+  with pytest.raises(ValueError, match="distill.temperatur.*distill.temperature"):
+    config_lib.validate_config(ml_collections.ConfigDict(raw))
   c = _tiny("hinton,adaptive,smoke")
   c.probe.critical = True
   with pytest.raises(ValueError, match="probe.critical"):
-    distillation.validate(c)
+    config_lib.validate_config(c)
+  c = _tiny("hinton,smoke")
+  c.distill.teacher.num_steps = 2  # warmup_steps = 2
+  with pytest.raises(ValueError, match="distill.teacher.num_steps=2: must exceed"):
+    config_lib.validate_config(c)
+  c = _tiny("hinton,smoke")
+  c.distill.feature_slices = "pre_act=l2"
+  with pytest.raises(ValueError, match="feature_slices entry 'pre_act=l2'"):
+    config_lib.validate_config(c)
   with pytest.raises(ValueError, match="unknown preset"):
     _get_config("nope")

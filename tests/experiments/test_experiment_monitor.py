@@ -17,7 +17,8 @@ tolerances of :func:`_tolerances`. The two NaN runs share one program (their con
 only in host-side keys) and are compared with each other bit for bit.
 
 The edge-of-stability classification (issue 9 §5) is checked on the runner's own monitor
-(``monitoring.Monitor``, no training) fed a synthetic excursion; the full 2,000-step run is
+(``convergence.Monitor`` built by ``monitoring.from_config``, no training) fed a synthetic
+excursion; the full 2,000-step run is
 ``configs/edge_of_stability.py`` itself.
 """
 
@@ -278,7 +279,7 @@ def test_monitor_reads_the_edge_of_stability_and_still_flags_faults():
   # and the run is unsettled, never "converged", while η·λ_c > 2 or a level shift lies in
   # the evidence window. The same spikes at η·λ_c = 0.1, a NaN or a x1e4 spike at the edge
   # are anomalies that ask for an emergency checkpoint.
-  monitor = monitoring.Monitor(_config())
+  monitor = monitoring.from_config(_config())
   assert monitor.evidence_window == 20  # BASE: long 20 (baseline span 2 x 8 = 16)
   loss, grad, upd, lr_sharp = _eos_excursion()
 

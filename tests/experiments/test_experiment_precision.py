@@ -114,7 +114,7 @@ def _train_step(name, graphdef, state, batch):
       params, batch)
   updates, new_opt_state = TXS[name].update(grads, opt_state, params)
   new = (optax.apply_updates(params, updates), new_opt_state)
-  params, opt_state = precision.select_tree(finite, new, (params, opt_state))
+  params, opt_state = optax.tree.where(finite, new, (params, opt_state))
   return (params, opt_state, ls.adjust(finite)), {"loss": loss, "grads": grads,
                                                   "finite": finite}
 
@@ -181,7 +181,7 @@ def _skipping_step(loss_fn, tx):
     loss, grads, finite = precision.scaled_value_and_grad(loss_fn, ls)(params)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new = (optax.apply_updates(params, updates), new_opt_state)
-    params, opt_state = precision.select_tree(finite, new, (params, opt_state))
+    params, opt_state = optax.tree.where(finite, new, (params, opt_state))
     ls = ls.adjust(finite)
     return (params, opt_state, ls), (finite, params, opt_state.count, ls.loss_scale,
                                      ls.good_steps)

@@ -10,6 +10,7 @@ from experiments import config_lib
 from experiments import data as data_lib
 from experiments import models
 from experiments import optim
+from experiments import precision
 from experiments import trainer
 
 
@@ -98,3 +99,43 @@ def test_randomised_probes_draw_independent_keys():
   # Deterministic: the same (probe, step) gives the same key (resume replays it).
   np.testing.assert_array_equal(data(trainer.probe_stream_key(key, 7, "lambda_max")),
                                 keys[("lambda_max", 7)])
+
+
+def _quadratic_step(loss_scale=None, nan_at_step=-1):
+  """SGD on L(θ) = ½‖θ‖² (∇L = θ), η(t) = 0.1·(t + 1): every count has its own η."""
+  schedule = lambda t: 0.1 * (jnp.asarray(t, jnp.float32) + 1.0)
+  tx = optax.chain(optax.identity(), optax.scale_by_learning_rate(schedule))
+  loss = lambda p, batch: 0.5 * jnp.sum(jnp.square(p["w"]))
+  svg = lambda ls: lambda p, b: precision.scaled_value_and_grad(loss, ls)(p, b)
+  step = jax.jit(trainer.make_train_step(loss, jax.value_and_grad(loss), tx, schedule,
+                                         nan_at_step=nan_at_step, scaled_value_and_grad=svg))
+  params = {"w": jnp.array([1.0, -2.0], jnp.float32)}
+  state = trainer.TrainState(jnp.int32(0), params, tx.init(params), loss_scale)
+  return step, state, schedule
+
+
+def test_logged_lr_is_the_one_used_after_a_rollback():
+  # A rolled-back update keeps the optimizer state (its schedule count) and advances the step
+  # counter (the runner's skip_update): the next update uses η(count), and the row must say so.
+  step, state, schedule = _quadratic_step()
+  state, _ = step(state, None)  # count 1, step 1
+  state = state._replace(step=jnp.int32(2))  # update 1 rolled back: step 2, count 1
+  new, metrics = step(state, None)
+  eta = float(schedule(1))  # 0.2, not η(2) = 0.3
+  # SGD on ½‖θ‖²: θ' = (1 − η)θ exactly in float32 up to one rounding of each product.
+  np.testing.assert_allclose(new.params["w"], (1 - eta) * state.params["w"], rtol=1e-6)
+  assert float(metrics["train/lr"]) == np.float32(eta)
+
+
+def test_logged_lr_is_the_one_used_after_a_loss_scale_skip():
+  # The dynamic loss scale skips update 1 (NaN gradients): update 2 uses η(1).
+  step, state, schedule = _quadratic_step(precision.dynamic_loss_scale(8.0, 100),
+                                          nan_at_step=1)
+  for _ in range(2):
+    state, metrics = step(state, None)
+  assert int(metrics["precision/grads_finite"]) == 0 and int(state.step) == 2
+  before = state.params["w"]
+  state, metrics = step(state, None)
+  eta = float(schedule(1))
+  np.testing.assert_allclose(state.params["w"], (1 - eta) * before, rtol=1e-6)
+  assert float(metrics["train/lr"]) == np.float32(eta)

@@ -10,15 +10,19 @@ the target's sharding. The per-leaf SHA-256 fingerprints (``convergence._checksu
 the global values only, so the manifest written on 8 devices verifies the state restored
 on 4 and on 1, and the manifests written from the different layouts are identical. A last
 check runs two processes of 4 devices each (``jax.distributed`` over gloo), where no process
-can address a whole leaf, and asks both for the fingerprints of one global array.
+can address a whole leaf: each hashes only the blocks it owns (per-block digests, no gather),
+both get the same manifest, a flipped bit is caught on every layout, and the checkpoint
+manager saves asynchronously while the main thread runs collectives.
 """
 
+import hashlib
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -189,35 +194,105 @@ def test_tiered_manager_restores_onto_other_meshes(state8, devices, tmp_path):
   assert leaves[0] == leaves[1]  # the manifest written on 4 devices equals the one on 8
 
 
+def test_trajectory_monitor_state_is_sharded_like_the_parameters(state8, devices):
+  """convergence.trajectory_monitor keeps its K lagged updates laid out like the parameters
+  (no ravel of the model into one vector): after init from the sharded parameters and after
+  a jitted update, every lagged leaf has its parameter's shape and sharding."""
+  params = state8["params"]
+  tx = convergence.trajectory_monitor(half_width=3, max_lag=2, window=4)
+  state = tx.init(params)
+  step = jax.jit(lambda u, s: tx.update(u, s, None, value=1.0)[1])
+  grads = jax.tree.map(lambda p: p * 0.5 + 1.0, params)
+  for _ in range(3):
+    state = step(grads, state)
+  assert float(state.info.cos[0]) == pytest.approx(1.0, abs=1e-6)   # the same update twice
+  for lagged in state.tracker.directions:
+    for got, want in zip(jax.tree.leaves(lagged), jax.tree.leaves(params)):
+      assert got.shape == want.shape
+      assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (got.sharding, want.sharding)
+
+
 # --------------------------------------------------------------------------- multi-host
 
 GLOBAL = np.arange(8 * 12, dtype=np.float32).reshape(8, 12) / 7
+SAVED = P("data", "fsdp")   # (4, 3) blocks; process 0 holds the rows 0:4, process 1 the rows 4:8
+LAYOUTS = {"same": SAVED, "rows": P("data", None), "columns": P(None, "fsdp"), "replicated": P(),
+           "finer": P(("data", "fsdp"), None)}   # finer: every saved block spans 4 shards
 
 
-def _worker(process_id: int, port: int) -> None:
-  """One of two processes with 4 CPU devices each: prints the fingerprint of a global
-  (8, 12) array sharded over all 8 devices, of which this process addresses half."""
+def _global_array(mesh, spec, value=GLOBAL):
+  return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec), lambda i: value[i])
+
+
+def _worker(process_id: int, port: int, workdir: str) -> None:
+  """One of two processes with 4 CPU devices each, on a global (8, 12) array sharded over all 8
+  devices, of which this process addresses half. Prints what the parent checks."""
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                              process_id=process_id)
   mesh = mesh_of(jax.devices(), (2, 4))
-  x = jax.make_array_from_callback(GLOBAL.shape, NamedSharding(mesh, P("data", "fsdp")),
-                                   lambda idx: GLOBAL[idx])
-  fp = _checksum.state_fingerprints({"x": x, "step": 3})
-  print("RESULT " + json.dumps({"addressable": x.is_fully_addressable, "fp": fp}), flush=True)
+  state = {"x": _global_array(mesh, SAVED), "step": 3}
+  out = {"addressable": state["x"].is_fully_addressable}
+  # Hashing reads this process's shards only: process 0 hashes while process 1 runs nothing
+  # (a collective inside would wait for process 1 forever), then tells it through a file.
+  flag = os.path.join(workdir, "hashed")
+  if process_id == 0:
+    out["local"] = _checksum.local_fingerprints(state)
+    with open(flag + ".tmp", "w") as f:
+      f.write("done")
+    os.replace(flag + ".tmp", flag)
+  else:
+    for _ in range(1200):
+      if os.path.exists(flag):
+        break
+      time.sleep(0.1)
+  manifest = _checksum.state_fingerprints(state)   # the one exchange, on the main thread
+  out["fp"] = manifest
+  bad = GLOBAL.copy()
+  bad.view(np.uint32)[7, 11] ^= 1                  # the last bit of one element of process 1
+  out["verdicts"] = {name: _checksum.first_mismatch({"x": _global_array(mesh, spec), "step": 3},
+                                                    manifest) for name, spec in LAYOUTS.items()}
+  out["bad"] = {name: _checksum.first_mismatch({"x": _global_array(mesh, spec, bad), "step": 3},
+                                               manifest) for name, spec in LAYOUTS.items()}
+  # The manager with asynchronous saves while the main thread keeps running collectives.
+  total = jax.jit(lambda a: jnp.sum(a * a), out_shardings=NamedSharding(mesh, P()))
+  mgr = convergence.TieredCheckpointManager(os.path.join(workdir, "ckpt"), async_save=True)
+  sums = []
+  for step in (1, 2):
+    assert mgr.save(step, state, metrics={"loss": 1.0})
+    sums += [float(total(state["x"])) for _ in range(20)]   # collectives while Orbax writes
+  target = {"x": jax.ShapeDtypeStruct(GLOBAL.shape, GLOBAL.dtype,
+                                      sharding=NamedSharding(mesh, LAYOUTS["finer"])), "step": 0}
+  restored = mgr.restore(2, target).state
+  mgr.close()
+  out["restored"] = np.asarray(multihost_utils.process_allgather(restored["x"], tiled=True)
+                               ).tobytes() == GLOBAL.tobytes()
+  out["sums"] = sorted(set(sums))
+  print("RESULT " + json.dumps(out), flush=True)
   jax.distributed.shutdown()
 
 
+def _block_digest(key: str, value=GLOBAL) -> str:
+  """SHA-256 of one block as the manifest defines it, computed here from the global array."""
+  (r0, r1), (c0, c1) = [map(int, part.split(":")) for part in key.split(",")]
+  head = f"array|float32|[8, 12]|{key}|".encode()
+  return hashlib.sha256(head + np.ascontiguousarray(value[r0:r1, c0:c1]).tobytes()).hexdigest()
+
+
 def test_fingerprints_of_arrays_spread_over_two_processes(tmp_path):
+  """No leaf is gathered: each process hashes the blocks it owns, without the other process
+  taking part; one exchange gives both the same manifest; every layout verifies; a flipped bit
+  in one process's block is caught by both, on every layout; and the checkpoint manager saves
+  asynchronously while the main thread runs collectives, then restores onto a finer mesh."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port)], env=env, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)],
+                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
   outs = []
   for p in procs:
     try:
@@ -228,11 +303,27 @@ def test_fingerprints_of_arrays_spread_over_two_processes(tmp_path):
       p.kill()
     assert p.returncode == 0, (out[-3000:], err[-3000:])
     outs.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
-  want = _checksum.state_fingerprints({"x": GLOBAL, "step": 3})
+  blocks = [f"{r}:{r + 4},{c}:{c + 3}" for r in (0, 4) for c in (0, 3, 6, 9)]
+  want_x = {"kind": "array", "dtype": "float32", "shape": [8, 12],
+            "shards": {k: _block_digest(k) for k in blocks}}
+  assert outs[0]["local"]["x"]["shards"] == {k: want_x["shards"][k] for k in blocks[:4]}
+  flipped = GLOBAL.copy()
+  flipped.view(np.uint32)[7, 11] ^= 1
+  assert _block_digest("4:8,9:12", flipped) != want_x["shards"]["4:8,9:12"]
   for out in outs:
     assert out["addressable"] is False  # each process holds 4 of the 8 shards
-    assert out["fp"] == want
+    assert out["fp"] == {"x": want_x,
+                         "step": _checksum.state_fingerprints({"step": 3})["step"]}
+    assert out["verdicts"] == {name: None for name in LAYOUTS}
+    for name in LAYOUTS:
+      leaf, what = out["bad"][name]
+      assert leaf == "x" and "block [4:8,9:12]" in what, (name, what)
+    assert out["restored"] is True
+    # The 40 all-reduces run beside the asynchronous saves all agree; float32 over 96 terms is
+    # within 96·2⁻²⁴ ≈ 6e-6 relative of the float64 sum.
+    assert len(out["sums"]) == 1
+    assert out["sums"][0] == pytest.approx(float(np.sum(GLOBAL.astype(np.float64) ** 2)), rel=1e-5)
 
 
 if __name__ == "__main__":
-  _worker(int(sys.argv[1]), int(sys.argv[2]))
+  _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

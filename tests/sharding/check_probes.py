@@ -187,8 +187,8 @@ def test_critical_sharpness_compares_the_global_mean_loss(layout):
 
 
 # ----------------------------------------- the optax probe and the convergence monitor
-# The trainer's monitor (experiments.monitoring.Monitor) runs on host scalars after the step
-# and takes ~40 s to compile here; the parameter-sized part of the convergence package is
+# The trainer's monitor (``convergence.Monitor``) runs on host scalars after the step and
+# takes ~40 s to compile here; the parameter-sized part of the convergence package is
 # ``anomaly_guard``, which runs the same ``anomaly_detector`` on global norms of the sharded
 # gradients and updates inside the jitted step.
 

@@ -2,7 +2,9 @@
 train one run on a 4-device mesh, as on two hosts; the reference is one process with 4 devices.
 
 Each process runs the CLI (``python -m experiments.run ... --config.distributed.*``) on the same
-workdir: both take part in the Orbax saves; process 0 alone writes the metrics. The global
+workdir: both take part in the Orbax saves, asynchronous (Orbax writes on its own thread while
+training continues; the manager's collectives stay on the main thread); process 0 alone writes
+the metrics. The global
 batch is assembled from each process's rows (``jax.make_array_from_process_local_data``), so
 the metrics must equal the one-process run's up to the order of the cross-process reductions
 (float32; 1e-5 relative, ~80 ulps; observed ≤ 1e-6).
@@ -28,7 +30,7 @@ FLAGS = ["--config=configs/olmo_style.py:wsd,smoke", "--config.num_steps=6",
          "--config.data.context_length=32", "--config.data.max_chars=50000",
          "--config.probe.lanczos_every=0",
          "--config.probe.preconditioned_every=0", "--config.monitor.enabled=False",
-         "--config.checkpoint.every=2", "--config.checkpoint.async_save=False",
+         "--config.checkpoint.every=2", "--config.checkpoint.async_save=True",
          "--config.mesh.shape=(4,)", f"--config.probe.tol_power={TOL_POWER}"]
 
 

@@ -1,0 +1,174 @@
+"""Critical sharpness: forward passes per measurement and the probe's share of a train step.
+
+    python benchmarks/critical_bench.py            # GPT 0.44M (batch 32 x 128) and the MLP
+    python benchmarks/critical_bench.py --quick    # a smaller GPT and fewer steps (~2 min)
+
+Three AdamW runs from one initialisation, fed the same batches, are stepped in turn: a plain
+train step (value and grad, AdamW) and the same step with ``critical_sharpness_probe`` in the
+chain as the README shows it (``value=loss, grad=grads``), with ``bracket="trials"`` (the
+default) and ``bracket="convex"``. Each step of each is timed, one after the other, so that load
+on the machine (shared with other jobs) falls on all alike; the ratio of the medians is the
+probe's cost in train steps (target ≤ 2.0: at most one extra step).
+
+Along the first probed run's update (AdamW's unit-LR Δθ), untimed, the standalone
+``curvature.critical_sharpness`` measures the same λ_c twice, each warm-started from its own
+previous η_c with the train step's loss and gradient: the default (``method="interpolate"``)
+and the paper's search (``method="bisect", growth=2``; Kalra et al. 2026, arXiv 2601.16979).
+Reported: forward passes per warm measurement (mean and histogram; target ≤ 4 for the default)
+and the largest disagreement between the two λ_c against the tolerance 2^-k/(2 − 2^-k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import curvature
+from curvature_bench import gpt_setup, mlp_setup  # benchmarks/curvature_bench.py
+
+
+def _chains(lr: float):
+  pre = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4))
+  plain = optax.chain(pre, optax.scale_by_learning_rate(lr))
+  probed = {b: optax.chain(pre, curvature.critical_sharpness_probe(learning_rate=lr, bracket=b),
+                           optax.scale_by_learning_rate(lr)) for b in BRACKETS}
+  return pre, plain, probed
+
+
+BRACKETS = ("trials", "convex")
+
+
+def _steps(loss_fn, pre, plain, probed):
+  """The jitted plain step, probed steps, and the two standalone searches along Δθ."""
+
+  def make(tx):
+    def step(p, s, b):
+      loss, g = jax.value_and_grad(loss_fn)(p, b)
+      u, s = tx.update(g, s, p, value=loss, grad=g, value_fn=lambda q: loss_fn(q, b))
+      return optax.apply_updates(p, u), s
+    return jax.jit(step)
+
+  @jax.jit
+  def standalone(p, s, b, guesses):
+    loss, g = jax.value_and_grad(loss_fn)(p, b)
+    direction, _ = pre.update(g, s[0], p)        # the probed run's Δθ at this step
+    out = []
+    for (method, growth), guess in zip((("interpolate", 2.0), ("bisect", 2.0)), guesses):
+      out.append(curvature.critical_sharpness(
+          lambda q: loss_fn(q, b), p, direction, grad=g, loss0=loss, step_guess=guess,
+          method=method, growth=growth))
+    return out
+
+  return make(plain), {b: make(tx) for b, tx in probed.items()}, standalone
+
+
+def _histogram(counts) -> str:
+  c = collections.Counter(int(x) for x in counts)
+  return ", ".join(f"{k}: {c[k]}" for k in sorted(c))
+
+
+def _timed(fn, *args):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - t0
+
+
+def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -> dict:
+  pre, plain, probed = _chains(lr)
+  plain_step, probe_step, standalone = _steps(loss_fn, pre, plain, probed)
+  fwd = jax.jit(loss_fn)
+  s_plain, p_plain = plain.init(params), params
+  runs = {b: (params, tx.init(params)) for b, tx in probed.items()}
+  guesses = (jnp.float32(1.0), jnp.float32(1.0))
+  t_plain, t_fwd, evals = [], [], {"interpolate": [], "bisect": []}
+  t_probe, probe_evals = {b: [] for b in BRACKETS}, {b: [] for b in BRACKETS}
+  worst, statuses = 0.0, collections.Counter()
+  for t in range(warmup + steps):
+    b = next(batches)
+    res = standalone(*runs["trials"], b, guesses)
+    guesses = tuple(jnp.where(jnp.isfinite(r.step_size), r.step_size, g).astype(jnp.float32)
+                    for r, g in zip(res, guesses))
+    jax.block_until_ready((res, guesses))   # nothing untimed left in the queue
+    (p_plain, s_plain), dt_plain = _timed(plain_step, p_plain, s_plain, b)
+    dt = {}
+    for k in BRACKETS:
+      runs[k], dt[k] = _timed(probe_step[k], *runs[k], b)
+    _, dt_fwd = _timed(fwd, p_plain, b)
+    if t < warmup:
+      continue
+    t_plain.append(dt_plain)
+    t_fwd.append(dt_fwd)
+    for k in BRACKETS:
+      t_probe[k].append(dt[k])
+      probe_evals[k].append(int(runs[k][1][1].info.num_evals))
+      statuses[("probe " + k, curvature.STATUS_NAMES[int(runs[k][1][1].info.status)])] += 1
+    for r, m in zip(res, evals):
+      evals[m].append(int(r.num_evals))
+      statuses[(m, curvature.STATUS_NAMES[int(r.status)])] += 1
+    a, c = (float(r.sharpness) for r in res)
+    if np.isfinite(a) and np.isfinite(c) and c > 0:
+      worst = max(worst, abs(a / c - 1))
+  ratio = {k: float(np.median(t_probe[k]) / np.median(t_plain)) for k in BRACKETS}
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  bound = 2.0 ** -4 / (2 - 2.0 ** -4)
+  rows = [
+      ("parameters", f"{n_params:,}", ""),
+      ("train step, AdamW (median)", f"{np.median(t_plain) * 1e3:.1f} ms", "1.00x"),
+      ("one forward pass (loss only)", f"{np.median(t_fwd) * 1e3:.1f} ms",
+       f"{np.median(t_fwd) / np.median(t_plain):.2f}x"),
+      *[(f"train step + critical_sharpness_probe(bracket={k!r}) (median)",
+         f"{np.median(t_probe[k]) * 1e3:.1f} ms", f"{ratio[k]:.2f}x  [target <= 2.0x]")
+        for k in BRACKETS],
+      *[(f"probe(bracket={k!r}): forward passes per warm measurement ({steps} steps)",
+         f"{np.mean(probe_evals[k]):.2f}", f"histogram {{{_histogram(probe_evals[k])}}}")
+        for k in BRACKETS],
+      ("standalone default (interpolate), grad= and loss0= given",
+       f"{np.mean(evals['interpolate']):.2f}",
+       f"histogram {{{_histogram(evals['interpolate'])}}}  [target <= 4]"),
+      ("standalone paper's search (bisect, growth 2)", f"{np.mean(evals['bisect']):.2f}",
+       f"histogram {{{_histogram(evals['bisect'])}}}"),
+      ("largest |λ_c(default)/λ_c(paper) − 1|", f"{worst:.4f}",
+       f"each within {bound:.4f} of the crossing it bracketed"),
+      ("statuses", ", ".join(f"{m} {s}: {n}" for (m, s), n in sorted(statuses.items())), ""),
+  ]
+  print(f"\n#### {name}  ({jax.devices()[0].platform}, jax {jax.__version__}; "
+        f"load average {os.getloadavg()[0]:.1f})\n")
+  print("| quantity | value | ratio / histogram |")
+  print("|---|---|---|")
+  for r in rows:
+    print(f"| {r[0]} | {r[1]} | {r[2]} |")
+  return dict(ratio=ratio, probe_evals={k: float(np.mean(v)) for k, v in probe_evals.items()},
+              default_evals=float(np.mean(evals["interpolate"])),
+              paper_evals=float(np.mean(evals["bisect"])))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="smaller GPT and fewer steps")
+  parser.add_argument("--steps", type=int, default=None, help="measured steps (default 60)")
+  parser.add_argument("--warmup", type=int, default=20, help="steps before measuring")
+  parser.add_argument("--only", choices=("gpt", "mlp"), default=None)
+  args = parser.parse_args()
+  steps = args.steps or (20 if args.quick else 60)
+  print(f"load average at start: {os.getloadavg()}")
+  if args.only != "mlp":
+    if args.quick:
+      gpt = gpt_setup(batch=8, seq=64, width=64, depth=2)
+    else:
+      gpt = gpt_setup(batch=32, seq=128, width=128, depth=2)
+    run(*gpt, warmup=args.warmup, steps=steps, lr=3e-3)
+  if args.only != "gpt":
+    run(*mlp_setup(), warmup=args.warmup, steps=steps, lr=1e-3)
+  print(f"\nload average at the end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+  main()
