@@ -186,7 +186,6 @@ def run(state: PyTree, steps: Iterable[int], *,
 # ------------------------------------------------------------------------ standard pieces
 
 
-
 def run_to_end(state: PyTree, steps: range, *, final_eval: Callable[[PyTree], dict],
                policy: "CheckpointPolicy", mgr, closers: Sequence[Any], **run_kwargs
                ) -> tuple[LoopEnd, dict[str, Any]]:
