@@ -1,4 +1,4 @@
-"""The run directory's records: metric rows, the audit log, JSON values, flattened configs.
+"""The run directory's records: metric rows, the audit log and JSON values.
 
 One implementation of each, shared by every runner (``experiments.trainer``,
 ``experiments.distillation``, ``experiments.plots``):
@@ -23,9 +23,6 @@ One implementation of each, shared by every runner (``experiments.trainer``,
 ``truncate_rows(path, step)``
     Keeps the JSON lines of ``path`` whose ``step`` is below ``step`` (verbatim, atomically
     replaced); returns the kept lines.
-``flatten_config(config, prefix="")``
-    ``{"a.b.c": leaf}`` for an ``ml_collections.ConfigDict`` or a nested mapping (a config's
-    JSON).
 ``write_config(config, workdir)``
     The resolved config as ``workdir/config.json`` (sorted keys, indented).
 """
@@ -43,7 +40,6 @@ import ml_collections
 import numpy as np
 
 import convergence
-from experiments.config_lib import flatten_config  # noqa: F401  (re-exported: the one flattener, JAX-free)
 
 Summary = None  # tensorboardX's Summary proto, imported with the first TensorBoard writer
 AUDIT_LOG = "audit.jsonl"

@@ -22,6 +22,8 @@ from typing import Any, Callable
 import numpy as np
 
 from experiments import criteria
+from experiments import plots
+from experiments.plots import series  # (steps, values) of a metric's finite values
 
 EOS = "configs/edge_of_stability.py"
 
@@ -44,15 +46,6 @@ class Reproduction:
   # rows per label -> (measured text, verdict: True, False or "partly")
   judge: Callable[[dict[str, list[dict]]], tuple[str, bool | str]]
   plot: Callable[[dict[str, list[dict]], str], None]  # rows per label, path
-
-
-def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-  """``(steps, values)`` of ``key`` over the rows that have it."""
-  pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
-  if not pts:
-    return np.zeros(0), np.zeros(0)
-  s, v = zip(*pts)
-  return np.asarray(s, float), np.asarray(v, float)
 
 
 def _threshold(rows: list[dict], key: str) -> np.ndarray:
@@ -213,7 +206,6 @@ REPRODUCTIONS = {
 def reproduce(name: str, workdir: str, *, smoke: bool = False) -> dict[str, Any]:
   """Runs (or resumes) every run of reproduction ``name`` and judges it; returns the report."""
   from experiments import config_lib  # pylint: disable=g-import-not-at-top
-  from experiments import plots  # pylint: disable=g-import-not-at-top
   from experiments import trainer  # pylint: disable=g-import-not-at-top
   if name not in REPRODUCTIONS:
     raise ValueError(f"unknown reproduction {name!r}; accepted: {sorted(REPRODUCTIONS)}.")

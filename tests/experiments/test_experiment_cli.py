@@ -123,17 +123,23 @@ def test_cli_help_picks_up_a_new_config_file(tmp_path, monkeypatch):
   assert "More text" not in listing and "cannot be loaded: SyntaxError" in listing
 
 
-def test_cli_dry_run_prints_the_config_without_jax(tmp_path):
-  workdir = tmp_path / "not_created"
+def _run_without_jax(argv: list[str]) -> subprocess.CompletedProcess:
+  """Runs ``experiments.run`` with ``argv`` in a child process; its stderr ends with whether
+  JAX was imported and the exit status."""
   code = ("import runpy, sys\n"
-          f"sys.argv = ['run', '--config=configs/olmo_style.py:cosine,smoke', "
-          f"'--config.num_steps=7', '--workdir={workdir}', '--dry_run']\n"
+          f"sys.argv = ['run'] + {argv!r}\n"
           "try:\n  runpy.run_module('experiments.run', run_name='__main__')\n"
           "except SystemExit as e:\n  status = e.code or 0\n"
           "print('jax imported:', 'jax' in sys.modules, 'status:', status, file=sys.stderr)\n")
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=120)
+
+
+def test_cli_dry_run_prints_the_config_without_jax(tmp_path):
+  workdir = tmp_path / "not_created"
+  proc = _run_without_jax(["--config=configs/olmo_style.py:cosine,smoke",
+                           "--config.num_steps=7", f"--workdir={workdir}", "--dry_run"])
   assert "jax imported: False status: 0" in proc.stderr, proc.stderr[-3000:]
   printed = json.loads(proc.stdout)
   from experiments import config_lib  # pylint: disable=g-import-not-at-top
@@ -144,15 +150,8 @@ def test_cli_dry_run_prints_the_config_without_jax(tmp_path):
 
 
 def test_cli_compare_dry_run_prints_every_preset_without_jax():
-  code = ("import runpy, sys\n"
-          "sys.argv = ['run', '--config=configs/distill.py:smoke', '--compare=ce,temporal+adaptive', "
-          "'--config.num_steps=7', '--dry_run']\n"
-          "try:\n  runpy.run_module('experiments.run', run_name='__main__')\n"
-          "except SystemExit as e:\n  status = e.code or 0\n"
-          "print('jax imported:', 'jax' in sys.modules, 'status:', status, file=sys.stderr)\n")
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=120)
+  proc = _run_without_jax(["--config=configs/distill.py:smoke", "--compare=ce,temporal+adaptive",
+                           "--config.num_steps=7", "--dry_run"])
   assert "jax imported: False status: 0" in proc.stderr, proc.stderr[-3000:]
   printed = json.loads(proc.stdout)
   from experiments import config_lib  # pylint: disable=g-import-not-at-top
