@@ -15,7 +15,10 @@ closure, inside your jitted function, with the batch a traced argument).
 from curvature._critical import critical_sharpness
 from curvature._critical import CriticalSharpness
 from curvature._critical import relative_critical_sharpness
+from curvature._critical import relative_sharpness_band
 from curvature._critical import relative_sharpness_matrix
+from curvature._critical import sharpness_band
+from curvature._critical import SharpnessBand
 from curvature._critical import STATUS_MAX_EVALS
 from curvature._critical import STATUS_NAMES
 from curvature._critical import STATUS_NO_RISE
@@ -69,11 +72,14 @@ __all__ = (
     "preconditioned_sharpness",
     "probe_metrics",
     "relative_critical_sharpness",
+    "relative_sharpness_band",
     "relative_sharpness_matrix",
     "relative_sharpness_probe",
     "RelativeSharpnessInfo",
     "RelativeSharpnessProbeState",
     "scale_by_critical_sharpness",
+    "sharpness_band",
+    "SharpnessBand",
     "ScaleByCriticalSharpnessState",
     "spectral_density",
     "SpectralDensity",

@@ -532,3 +532,129 @@ def relative_sharpness_matrix(
           grad=None if grads is None else grads[i], step_guess=guesses[i, j], **kwargs))
     rows.append(jax.tree.map(lambda *xs: jnp.stack(xs), *row))
   return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+
+class SharpnessBand(NamedTuple):
+  """λ_c of each (monitored loss, direction) pair summarised across held-out batches.
+
+  Per batch, the value summarised is the sharpness that bounds the usable step: 2/η_c where
+  the search bracketed η_c (``STATUS_OK``, or ``STATUS_MAX_EVALS`` with a bracket); ``+inf``
+  for ``STATUS_NOT_DESCENT`` (the step raises the monitored loss at every size: η_c = 0);
+  0 for ``STATUS_NO_RISE`` (it never does: η_c = ∞). Unresolved and non-finite searches are
+  left out (NaN), and counted.
+
+  Attributes:
+    median: median over the batches counted (the mean of the two middle values for an even
+      count; ``+inf`` when more than half of them are ``not_descent``); NaN when none is.
+    min, max: the band's ends over the batches counted.
+    num_counted: batches whose value is counted (int32).
+    num_not_descent: batches with ``STATUS_NOT_DESCENT`` (int32).
+  """
+
+  median: jax.Array
+  min: jax.Array
+  max: jax.Array
+  num_counted: jax.Array
+  num_not_descent: jax.Array
+
+
+def sharpness_band(result: CriticalSharpness, axis: int = 0) -> SharpnessBand:
+  """:class:`SharpnessBand` of a batched :class:`CriticalSharpness` over its ``axis``.
+
+  Args:
+    result: a :class:`CriticalSharpness` whose fields have a batch axis ``axis`` (e.g. from
+      ``jax.lax.map`` of :func:`relative_sharpness_matrix` over held-out batches).
+    axis: the batch axis.
+
+  Returns:
+    A :class:`SharpnessBand` with the other axes' shape.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> loss = lambda p, a: 0.5 * a * jnp.sum(p ** 2) + (1 - a) * jnp.sum(p)
+    >>> theta = jnp.ones(2)                              # gradient 1, curvature a: λ_c = a
+    >>> per = jax.lax.map(lambda a: critical_sharpness(lambda p: loss(p, a), theta, theta,
+    ...                                                tol_power=10), jnp.array([1., 2., 4.]))
+    >>> band = sharpness_band(per)
+    >>> [round(float(x), 2) for x in (band.median, band.min, band.max)]
+    [2.0, 1.0, 4.0]
+  """
+  s = result.status
+  measured = (s == STATUS_OK) | ((s == STATUS_MAX_EVALS) & jnp.isfinite(result.sharpness))
+  value = jnp.where(measured, result.sharpness, jnp.nan)
+  value = jnp.where(s == STATUS_NOT_DESCENT, jnp.inf, jnp.where(s == STATUS_NO_RISE, 0.0, value))
+  v = jnp.sort(jnp.moveaxis(value, axis, 0), axis=0)  # NaN sorts last
+  n = jnp.sum(~jnp.isnan(v), axis=0)
+  at = lambda i: jnp.take_along_axis(v, jnp.maximum(i, 0)[None], axis=0)[0]
+  # Every counted value is ≥ 0 or +inf, so the midpoint never meets inf − inf.
+  median = 0.5 * (at((n - 1) // 2) + at(n // 2))
+  nan = jnp.asarray(jnp.nan, v.dtype)
+  return SharpnessBand(
+      median=jnp.where(n > 0, median, nan), min=jnp.where(n > 0, v[0], nan),
+      max=jnp.where(n > 0, at(n - 1), nan), num_counted=n.astype(jnp.int32),
+      num_not_descent=jnp.sum(s == STATUS_NOT_DESCENT, axis=axis).astype(jnp.int32))
+
+
+def relative_sharpness_band(
+    loss_fns: Sequence[Callable[[PyTree, PyTree], jax.Array]],
+    params: PyTree,
+    directions: Sequence[PyTree],
+    batches: Sequence[PyTree],
+    *,
+    step_guesses: jax.Array | float = 1.0,
+    **kwargs,
+) -> tuple[CriticalSharpness, SharpnessBand]:
+  r""":math:`\lambda_c^{i\to j}` on each of K held-out batches of task :math:`i`, and its band.
+
+  For batch :math:`k`, entry ``[k, i, j]`` is :func:`relative_critical_sharpness` of
+  :math:`L_{i,k}(\theta)` = ``loss_fns[i](params, batch)`` on batch :math:`k` of
+  ``batches[i]`` along ``directions[j]``:
+
+  .. math::
+     \eta_c^{i\to j}(k) = \min\{\eta : L_{i,k}(\theta - \eta\,\Delta\theta_j)
+     > L_{i,k}(\theta)\},\qquad \lambda_c^{i\to j}(k) = 2/\eta_c^{i\to j}(k),
+
+  and the band summarises entry ``[i, j]`` across the K batches (:func:`sharpness_band`).
+  Kalra et al. 2026 (arXiv 2601.16979, Fig. 5) measure each evaluation task's loss along the
+  update of a training mix this way, with a band across batches. Measuring on held-out batches
+  that played no part in :math:`\Delta\theta_j` keeps the diagonal and the off-diagonal
+  entries alike: an update measured on the batch that produced it looks flatter there.
+
+  Each batch's :math:`L_{i,k}` and :math:`\nabla L_{i,k}` come from one ``value_and_grad``
+  and serve all M directions (``grads=`` and ``loss0s=`` of
+  :func:`relative_sharpness_matrix`, so no jvp); the batches are scanned, each search
+  warm-started from the previous batch's :math:`\eta_c`.
+
+  Args:
+    loss_fns: N callables ``loss_fn(params, batch) -> scalar``.
+    params: :math:`\theta`.
+    directions: M unit-LR update directions, each shaped like ``params``.
+    batches: N pytrees, ``batches[i]`` holding task i's K batches stacked on a leading axis
+      (the same K for every task).
+    step_guesses: first trial step, a scalar or an ``[N, M]`` array.
+    **kwargs: ``tol_power``, ``max_evals``, ``growth``, ``method`` as in
+      :func:`critical_sharpness`.
+
+  Returns:
+    ``(per_batch, band)``: a :class:`CriticalSharpness` with ``[K, N, M]`` fields and a
+    :class:`SharpnessBand` with ``[N, M]`` fields.
+  """
+  loss_fns, directions, batches = list(loss_fns), list(directions), list(batches)
+  if len(batches) != len(loss_fns):
+    raise ValueError(f"`batches` has {len(batches)} entries for {len(loss_fns)} `loss_fns`")
+  counts = {int(jax.tree.leaves(b)[0].shape[0]) for b in batches}
+  if len(counts) != 1:
+    raise ValueError(f"every task needs the same number of batches, got {sorted(counts)}")
+  guesses = jnp.broadcast_to(jnp.asarray(step_guesses, jnp.float32),
+                             (len(loss_fns), len(directions)))
+
+  def one(guess, batch_k):
+    fns = [lambda p, f=f, b=b: f(p, b) for f, b in zip(loss_fns, batch_k)]
+    l0g = [jax.value_and_grad(f)(params) for f in fns]
+    out = relative_sharpness_matrix(fns, params, directions, grads=[g for _, g in l0g],
+                                    loss0s=[l for l, _ in l0g], step_guesses=guess, **kwargs)
+    ok = jnp.isfinite(out.step_size) & (out.step_size > 0)
+    return jnp.where(ok, out.step_size, guess).astype(guess.dtype), out
+
+  _, per_batch = jax.lax.scan(one, guesses, batches)
+  return per_batch, sharpness_band(per_batch, axis=0)

@@ -1,11 +1,14 @@
 """Lanczos with full reorthogonalisation on pytrees, and the top Hessian eigenvalues.
 
-The Krylov basis is a pytree shaped like the parameters whose leaves carry a leading axis
-``[m, *leaf_shape]``; nothing is ravelled, so the iteration runs unchanged on sharded
-parameters; the start vector is tied to the parameters' sharding (:func:`shard_like`), so
-each basis leaf is laid out like its parameter leaf instead of being gathered. The basis and
-the projected matrix are kept in float32, or float64 when the parameters are float64
-(``_tree.accum_dtype``), whatever the parameter dtype.
+With several devices the Krylov basis is a pytree shaped like the parameters whose leaves
+carry a leading axis ``[m, *leaf_shape]``; nothing is ravelled, so the iteration runs
+unchanged on sharded parameters; the start vector is tied to the parameters' sharding
+(:func:`shard_like`), so each basis leaf is laid out like its parameter leaf instead of being
+gathered. With one device, where nothing can be sharded, the parameters are ravelled into
+one vector and the basis is one ``[m, P]`` array (:func:`_can_ravel`): one kernel per basis
+operation instead of one per leaf. Both paths run the same code on the same start vector.
+The basis and the projected matrix are kept in float32, or float64 when the parameters are
+float64 (``_tree.accum_dtype``), whatever the parameter dtype.
 
 Every step orthogonalises against the whole basis twice (CGS2) and records all the
 coefficients, so the projected matrix ``Q A Q^T`` is built densely; it is tridiagonal up to
@@ -16,6 +19,7 @@ of a ``lax.while_loop`` and stops at the first basis size whose Ritz residuals m
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -176,6 +180,50 @@ def _key_seed(key: jax.Array) -> jax.Array:
   return seed
 
 
+def _can_ravel(like: PyTree) -> bool:
+  """Whether the Krylov basis may be one ``[m, P]`` array instead of a pytree of leaves.
+
+  With one device in the process nothing can be sharded, so ravelling the parameters into
+  one vector gathers nothing, and every basis operation (the CGS2 products, row reads and
+  writes, the start vector) becomes one kernel instead of one per leaf: fewer kernels per
+  step and a program that compiles in a fraction of the time. With several devices the
+  parameters' layout is invisible inside ``jit`` (a tracer carries no sharding in the
+  default mode), so the basis stays a pytree laid out like them (:func:`shard_like`).
+  """
+  del like  # The decision depends on the process, not on the values.
+  return jax.device_count() == 1
+
+
+def _raveller(like: PyTree, dtype) -> tuple[Callable[[PyTree], jax.Array],
+                                            Callable[[jax.Array], PyTree]]:
+  """``(flatten, unflatten)`` between pytrees shaped like ``like`` and ``[P]`` vectors.
+
+  Both use ``dtype`` (the basis dtype): ``flatten`` casts every leaf to it, ``unflatten``
+  returns leaves in it, so a ``matvec`` sees the same dtype on either path. Leaves are
+  concatenated in ``jax.tree.leaves`` order, the order :func:`_hash_vector` numbers the
+  scalars in, so both paths start from the same vector.
+  """
+  leaves, treedef = jax.tree.flatten(like)
+  shapes = [jnp.shape(x) for x in leaves]
+  sizes = [math.prod(s) for s in shapes]
+
+  def flatten(tree: PyTree) -> jax.Array:
+    if jax.tree.structure(tree) != treedef:
+      raise ValueError(f"`matvec` must return a pytree structured like the parameters "
+                       f"{treedef}, got {jax.tree.structure(tree)}")
+    parts = [jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(tree)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+  def unflatten(v: jax.Array) -> PyTree:
+    out, offset = [], 0
+    for shape, size in zip(shapes, sizes):
+      out.append(lax.slice_in_dim(v, offset, offset + size).reshape(shape))
+      offset += size
+    return jax.tree.unflatten(treedef, out)
+
+  return flatten, unflatten
+
+
 def _normalise(v: PyTree, norm) -> PyTree:
   return optax.tree.scale(jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0), v)
 
@@ -248,23 +296,31 @@ def _advance(matvec: MatVec, kr: _Krylov) -> tuple[_Krylov, jax.Array]:
                  broke, kr.broke | broke), stepped
 
 
-def _ritz(proj: jax.Array, beta, j) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _ritz(proj: jax.Array, beta, j, size: Optional[int] = None
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Ritz pairs of the leading ``j x j`` block of ``proj``, largest first, and residuals.
 
-  The ``m - j`` unfilled positions get a diagonal below every eigenvalue of the block
-  (``-(1 + 2 sum|proj|)``, under minus its spectral radius) and no coupling, so their
-  eigenvalues sort last and the first ``j`` columns of ``S`` are the block's eigenvectors,
-  zero outside it. The relative residual of pair ``i`` is
+  The block is diagonalised inside the leading ``size x size`` corner (``j <= size <= m``;
+  ``None``: ``m``), since an ``eigh`` costs :math:`O(size^3)`. The ``size - j`` unfilled
+  positions get a diagonal below every eigenvalue of the block (``-(1 + 2 sum|proj|)``,
+  under minus its spectral radius) and no coupling, so their eigenvalues sort last and the
+  first ``j`` columns of ``S`` are the block's eigenvectors, zero outside it; the outputs
+  are padded back to ``[m]`` and ``[m, m]`` (``theta`` with that diagonal, ``S`` with
+  zeros). The relative residual of pair ``i`` is
   :math:`\\max(|\\beta_j S_{j-1,i}| / \\max_{l<j} |\\theta_l|, \\epsilon)` (Parlett, *The
   Symmetric Eigenvalue Problem*, §13.1; Wu & Simon 2000 for the arrow after a restart),
   floored at the dtype's epsilon. All NaN when ``proj`` is not finite.
   """
   m = proj.shape[0]
+  size = m if size is None else size
   filled = jnp.arange(m) < j
   pad = -(1 + 2 * jnp.sum(jnp.abs(proj)))
-  block = jnp.where(filled[:, None] & filled[None, :], proj, 0)
-  theta, s = jnp.linalg.eigh(block + jnp.diag(jnp.where(filled, 0, pad)))
+  block = jnp.where(filled[:, None] & filled[None, :], proj, 0)[:size, :size]
+  theta, s = jnp.linalg.eigh(block + jnp.diag(jnp.where(filled[:size], 0, pad)))
   theta, s = theta[::-1], s[:, ::-1]
+  if size < m:
+    theta = jnp.concatenate([theta, jnp.full((m - size,), pad, theta.dtype)])
+    s = jnp.zeros((m, m), s.dtype).at[:size, :size].set(s)
   scale = jnp.maximum(jnp.abs(theta[0]), jnp.abs(theta[j - 1]))
   residuals = jnp.abs(beta * s[j - 1, :]) / jnp.where(scale > 0, scale, 1.0)
   # Below the dtype's epsilon the formula measures LAPACK deflating a tiny coupling to an
@@ -274,6 +330,20 @@ def _ritz(proj: jax.Array, beta, j) -> tuple[jax.Array, jax.Array, jax.Array]:
   finite = jnp.all(jnp.isfinite(proj))
   nan = lambda x: jnp.where(finite, x, jnp.nan)
   return nan(theta), nan(s), nan(residuals)
+
+
+def _check_sizes(m: int) -> tuple[int, ...]:
+  """Corner sizes a residual check diagonalises in: 8, 16, 32, ... below ``m``, and ``m``.
+
+  A check at basis size ``j`` uses the smallest corner ``>= j``, so while the basis is
+  small a check costs a small ``eigh`` (an ``eigh`` of 16 is a tenth of one of 55 on a CPU
+  core) and checking after every step stays cheap; each size is one more branch to compile.
+  """
+  sizes, size = [], 8
+  while size < m:
+    sizes.append(size)
+    size *= 2
+  return tuple(sizes) + (m,)
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,10 +378,16 @@ def lanczos_tridiag(matvec: MatVec, v0: PyTree, num_iters: int) -> LanczosDecomp
   Returns:
     A :class:`LanczosDecomposition` ``(basis, alphas, betas)``.
   """
+  unflatten = None
+  if _can_ravel(v0):
+    flatten, unflatten = _raveller(v0, _tree.accum_dtype(v0))
+    matvec = (lambda mv: lambda v: flatten(mv(unflatten(v))))(matvec)
+    v0 = flatten(v0)
   kr = _start(v0, num_iters)
   kr = lax.while_loop(lambda kr: kr.j < num_iters, lambda kr: _advance(matvec, kr)[0], kr)
   betas = jnp.concatenate([jnp.diagonal(kr.proj, 1), kr.beta[None]])
-  return LanczosDecomposition(kr.basis, jnp.diagonal(kr.proj), betas)
+  basis = kr.basis if unflatten is None else jax.vmap(unflatten)(kr.basis)
+  return LanczosDecomposition(basis, jnp.diagonal(kr.proj), betas)
 
 
 def tridiag_eigh(alphas: jax.Array, betas: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -341,7 +417,7 @@ def default_num_iters(k: int, dim: int) -> int:
 
   So the cap (40 for k = 1, 55 for k = 5, 80 for k = 10, 130 for k = 20) leaves room for
   typical Hessians to converge without a restart, while the residual test stopped the
-  benchmark's runs (a 6,154-parameter MLP, top-1 and top-5) after 16-28 steps
+  benchmark's runs (a 6,154-parameter MLP, top-1 and top-5) after 16-27 steps
   (``benchmarks/lanczos_bench.py``). A clustered top of the spectrum (gaps of
   1e-4 relative) needs restarts: no fixed length is enough there.
   """
@@ -385,11 +461,13 @@ def check_lanczos_args(dim: int, k: int, num_iters: Optional[int],
   return num_iters
 
 
-# Residuals are checked every this many steps. A check is an m x m ``eigh``: 0.3-0.4 ms at
-# m = 40-55 on one CPU core, a tenth of an HVP of the 6,154-parameter MLP of
-# benchmarks/lanczos_bench.py and far less on larger models; checking every 2nd step costs
-# ~5 % there and stops on average half a step after the first converged basis size.
-DEFAULT_CHECK_EVERY = 2
+# Residuals are checked every this many steps. A check is an ``eigh`` of the smallest corner
+# of 8, 16, 32, ..., m that holds the basis (``_check_sizes``): 0.01-0.08 ms up to j = 32 on
+# one CPU core, 0.13-0.27 ms at m = 40-55, against 2.4 ms (float32) for one HVP of the
+# 6,154-parameter MLP of benchmarks/lanczos_bench.py and far more on larger models. Checking
+# every step costs ~1-2 % there and stops at the first converged basis size, where checking
+# every 2nd step (with the m x m ``eigh`` alone) cost 2-4 % and half a step on average.
+DEFAULT_CHECK_EVERY = 1
 
 
 class _State(NamedTuple):
@@ -455,10 +533,15 @@ def _lanczos_loop(matvec: MatVec, v0: PyTree, *, k: int, m: int, tol: float,
     kr, stepped = _advance(matvec, st.kr)
     due = (stepped & (kr.j >= k) & (kr.j >= st.first_check)
            & ((kr.j % check_every == 0) | (kr.j == m)))
-    # The cond sees the m x m matrices only: a cond copies the operands it passes through.
-    theta, s, residuals = lax.cond(
-        due, lambda *_: _ritz(kr.proj, kr.beta, kr.j),
-        lambda theta, s, residuals: (theta, s, residuals), st.theta, st.s, st.residuals)
+    # The switch sees the m x m matrices only: a branch copies the operands it passes through.
+    # Branch 0 keeps the last check; branch i diagonalises in the i-th corner size.
+    sizes = _check_sizes(m)
+    keep = lambda proj, beta, j, theta, s, residuals: (theta, s, residuals)
+    checks = [(lambda size: lambda proj, beta, j, *_: _ritz(proj, beta, j, size))(size)
+              for size in sizes]
+    which = jnp.where(due, 1 + jnp.searchsorted(jnp.asarray(sizes), kr.j), 0)
+    theta, s, residuals = lax.switch(which, [keep] + checks, kr.proj, kr.beta, kr.j,
+                                     st.theta, st.s, st.residuals)
     return st._replace(kr=kr, theta=theta, s=s, residuals=residuals, checked=due)
 
   def cycle(st):
@@ -504,8 +587,8 @@ def top_eigenpairs(matvec: MatVec, like: PyTree, *, k: int = 1, num_iters: Optio
     return_eigenvectors: also return the Ritz vectors (a ``[k, m] x [m, P]`` product).
     tol: relative residual target; ``None`` -> :func:`default_tol` of the basis dtype.
     max_restarts: cap on restarts (``0``: at most ``num_iters`` steps).
-    check_every: steps between residual checks (each an ``m x m`` ``eigh``); the basis is
-      also checked when full.
+    check_every: steps between residual checks (each an ``eigh`` of at most ``m x m``, see
+      :func:`_check_sizes`); the basis is also checked when full.
 
   Returns:
     :class:`HessianEigenvalues`; ``num_iters`` counts the matvecs spent.
@@ -515,11 +598,22 @@ def top_eigenpairs(matvec: MatVec, like: PyTree, *, k: int = 1, num_iters: Optio
   key = jax.random.PRNGKey(0) if key is None else key
   dtype = _tree.accum_dtype(like)
   tol = default_tol(dtype) if tol is None else tol
-  # Tied to ``like``'s sharding: the basis rows, written from v0 onwards, inherit it.
-  v0 = shard_like(_hash_vector(like, _key_seed(key)), like)
+  ravel = _can_ravel(like)
+  if ravel:
+    # One [m, P] basis; the start vector is the same as the pytree path's (same hash of
+    # the same global indices).
+    flatten, unflatten = _raveller(like, dtype)
+    matvec = (lambda mv: lambda v: flatten(mv(unflatten(v))))(matvec)
+    v0 = _hash_vector(jnp.zeros((dim,), dtype), _key_seed(key))
+  else:
+    # Tied to ``like``'s sharding: the basis rows, written from v0 onwards, inherit it.
+    v0 = shard_like(_hash_vector(like, _key_seed(key)), like)
   st = _lanczos_loop(matvec, v0, k=k, m=m, tol=tol, max_restarts=max_restarts,
                      check_every=check_every)
-  vectors = _basis_combine(st.s[:, :k].T, st.kr.basis) if return_eigenvectors else None
+  vectors = None
+  if return_eigenvectors:
+    vectors = _basis_combine(st.s[:, :k].T, st.kr.basis)
+    vectors = jax.vmap(unflatten)(vectors) if ravel else vectors
   return HessianEigenvalues(st.theta[:k], vectors, st.residuals[:k], st.kr.matvecs,
                             st.checked)
 
@@ -538,8 +632,8 @@ def hessian_eigenvalues(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, 
   The top Ritz value converges from below.
 
   It stops at the first basis size whose top-``k`` relative Ritz residuals are all below
-  ``tol`` (1e-6 in float64, 1e-4 in float32), checked every ``check_every = 2`` steps, so
-  it spends as many HVPs as the spectrum needs (``result.num_iters``; 16-28 for top-1 and
+  ``tol`` (1e-6 in float64, 1e-4 in float32), checked after every step (``check_every``), so
+  it spends as many HVPs as the spectrum needs (``result.num_iters``; 16-27 for top-1 and
   top-5 on the MLP Hessians of ``benchmarks/lanczos_bench.py``). The basis holds at most
   ``num_iters = min(dim, max(40, 5k + 30))`` vectors (40 for k = 1, 55 for k = 5); when the
   top of the spectrum is clustered and that is not enough, thick restarts continue until the

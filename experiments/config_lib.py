@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 import ml_collections
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "warmup_cosine", "warmup_stable_decay")
+SCHEDULES = ("constant", "warmup_cosine", "warmup_stable_decay", "two_stage")
 DECAY_SHAPES = ("linear", "cosine")
 MODELS = ("mlp", "gpt")
 ACTIVATIONS = ("tanh", "gelu", "relu")
@@ -122,7 +122,11 @@ def _data_fields(c: ml_collections.ConfigDict) -> None:
   c.data.eval_fraction = 0.1  # text: last fraction of each corpus held out for evaluation
   c.data.vocab = "ascii"  # text: 'ascii' (fixed, 98 ids) or 'corpus' (union of corpus chars)
   c.data.path = ""  # text: a user text file or folder (data.name='text')
-  c.data.code_fraction = 0.5  # mix: fraction of each batch (and of the loss) that is code
+  c.data.code_fraction = 0.5  # mix (and a switch_step's stage 2): fraction of each batch
+  #   (and of the loss) that is code
+  c.data.switch_step = 0  # code or prose: from this step on every batch is the code/prose mix
+  #   (code_fraction code, rows of one token array) instead of data.name alone; 0 = one data
+  #   set throughout. With schedule 'two_stage' it must be the schedule's stage-2 start
 
 
 def _optimizer_fields(c: ml_collections.ConfigDict) -> None:
@@ -141,11 +145,15 @@ def _optimizer_fields(c: ml_collections.ConfigDict) -> None:
 def _schedule_fields(c: ml_collections.ConfigDict) -> None:
   """The learning-rate schedule."""
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "constant"  # 'constant', 'warmup_cosine', 'warmup_stable_decay' (WSD)
+  c.schedule.name = "constant"  # 'constant', 'warmup_cosine', 'warmup_stable_decay' (WSD),
+  #   'two_stage' (cosine to stage1_end_fraction·η, then a second decay to end_fraction·η)
   c.schedule.warmup_steps = 0  # linear warmup from η/warmup_steps to η
-  c.schedule.decay_fraction = 0.2  # WSD: the last fraction of the run that decays
-  c.schedule.decay_shape = "linear"  # WSD: 'linear' or 'cosine' decay
+  c.schedule.decay_fraction = 0.2  # WSD: the last fraction of the run that decays; two_stage:
+  #   the last fraction of the run that is stage 2
+  c.schedule.decay_shape = "linear"  # WSD, two_stage's stage 2: 'linear' or 'cosine' decay
   c.schedule.end_fraction = 0.0  # final learning rate as a fraction of the peak
+  c.schedule.stage1_end_fraction = 0.1  # two_stage: η at the end of stage 1's cosine, as a
+  #   fraction of the peak
 
 
 def _probe_fields(c: ml_collections.ConfigDict) -> None:
@@ -161,6 +169,8 @@ def _probe_fields(c: ml_collections.ConfigDict) -> None:
   c.probe.lanczos_iters = 20  # Lanczos iterations (≥ 20 for the top eigenvalue)
   c.probe.preconditioned_every = 0  # adam/adamw: λ_max(P^-1/2 H P^-1/2) every N steps (0 = off)
   c.probe.relative_every = 0  # mix: the 2×2 relative-sharpness matrix every N steps (0 = off)
+  c.probe.relative_batches = 4  # mix: held-out batches per task the matrix is measured on (the
+  #   evaluation examples, eval_examples, cut into this many); logged as median, min and max
 
 
 def _checkpoint_fields(c: ml_collections.ConfigDict) -> None:
@@ -292,6 +302,17 @@ def _distill_fields(c: ml_collections.ConfigDict) -> None:
   d.teacher.learning_rate = 3e-3  # teacher peak η
 
 
+def decay_start(config) -> int:
+  """The first step of a WSD decay or of a two_stage schedule's stage 2.
+
+  ``max(T − max(1, round(f·T)), W)`` with ``T = num_steps``, ``f = schedule.decay_fraction``
+  and ``W = schedule.warmup_steps``: the last fraction ``f`` of the run, never inside warmup.
+  """
+  s, total = config.schedule, int(config.num_steps)
+  return max(total - max(1, int(round(float(s.decay_fraction) * total))),
+             max(int(s.warmup_steps), 0))
+
+
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
   """``{"a.b.c": leaf}`` for a ``ConfigDict`` or a nested mapping (a config's JSON)."""
   out = {}
@@ -415,6 +436,8 @@ def _validate_ranges(f: dict[str, Any], need) -> None:
        "schedule.warmup_steps", f"must be in [0, num_steps={f['num_steps']})")
   need(0 < f["schedule.decay_fraction"] <= 1, "schedule.decay_fraction", "must be in (0, 1]")
   need(0 <= f["schedule.end_fraction"] <= 1, "schedule.end_fraction", "must be in [0, 1]")
+  need(0 <= f["schedule.stage1_end_fraction"] <= 1, "schedule.stage1_end_fraction",
+       "must be in [0, 1]")
   need(len(f["model.widths"]) >= 1 and all(int(w) >= 1 for w in f["model.widths"]),
        "model.widths", "must be a non-empty tuple of positive ints")
   for key in ("model.depth", "model.width", "model.num_heads", "model.mlp_ratio",
@@ -427,6 +450,7 @@ def _validate_ranges(f: dict[str, Any], need) -> None:
   need(0 < f["data.code_fraction"] < 1, "data.code_fraction", "must be in (0, 1)")
   need(f["probe.step_guess"] > 0, "probe.step_guess", "must be > 0")
   need(f["probe.max_evals"] >= 2, "probe.max_evals", "must be >= 2")
+  need(f["probe.relative_batches"] >= 1, "probe.relative_batches", "must be >= 1")
   for key in ("probe.lanczos_every", "probe.preconditioned_every", "probe.relative_every",
               "eval_every", "eval_examples"):
     need(f[key] >= 0, key, "must be >= 0 (0 = off / all)")
@@ -462,6 +486,30 @@ def _validate_consistency(f: dict[str, Any], need) -> None:
        "text data needs loss='cross_entropy'")
   need(f["data.name"] != "text" or bool(f["data.path"]), "data.path",
        "data.name='text' needs a file or folder path")
+  _validate_switch(f, need)
+
+
+def _validate_switch(f: dict[str, Any], need) -> None:
+  """A data switch (``data.switch_step``): a single corpus first, mini-batches, inside the run,
+  and at the stage boundary of a two_stage schedule."""
+  step = f["data.switch_step"]
+  need(step >= 0, "data.switch_step", "must be >= 0 (0 = no switch)")
+  if step == 0:
+    return
+  need(f["data.name"] in ("code", "prose"), "data.switch_step",
+       f"switching to the code/prose mix needs data.name 'code' or 'prose', not "
+       f"{f['data.name']!r}")
+  need(f["batch_size"] > 0, "data.switch_step", "a data switch needs mini-batches "
+       "(batch_size > 0); a full batch is one fixed batch")
+  need(step < f["num_steps"], "data.switch_step", f"must be < num_steps={f['num_steps']}")
+  if f["schedule.name"] == "two_stage":
+    s = ml_collections.ConfigDict({"num_steps": f["num_steps"], "schedule": {
+        "decay_fraction": f["schedule.decay_fraction"],
+        "warmup_steps": f["schedule.warmup_steps"]}})
+    need(step == decay_start(s), "data.switch_step",
+         f"must equal the two_stage schedule's stage-2 start, step {decay_start(s)} (num_steps "
+         f"− round(schedule.decay_fraction·num_steps)), so data and learning rate change "
+         "together")
 
 
 def _validate_loss_scale(value: str) -> None:

@@ -9,6 +9,9 @@ Every dataset here is built from files every machine already has (nothing is dow
 * ``prose`` — ``pydoc_data.topics.topics`` (the Python reference manual), topics in sorted order.
 * ``text`` — any user text file, or every file under a folder (sorted, recursively).
 * ``mix`` — a code batch and a prose batch side by side, for data-mixing experiments.
+* ``code`` or ``prose`` with ``switch_step`` > 0 — two-stage training (pre-training, then a
+  mid-training mix, as OLMo-2: Walsh et al. 2025, arXiv 2501.00656): batches of the one corpus
+  until that step, then batches of the code/prose mix (:class:`SwitchingIterator`).
 
 All character corpora share one vocabulary (:class:`CharVocab`), so a model trained on one can
 be evaluated on the other and relative sharpness between them is meaningful.
@@ -143,6 +146,66 @@ class MixedIterator:
     return {name: next(it) for name, it in self.iterators.items()}
 
 
+def _batches_drawn(it: BatchIterator) -> int:
+  """How many batches ``it`` has returned: ``⌊N/B⌋`` per finished epoch plus ``index/B``."""
+  epoch, index, _ = it.get_state()
+  return epoch * (it.num_examples // it.batch_size) + index // it.batch_size
+
+
+class SwitchingIterator:
+  """Batches of one corpus for the first ``switch_step`` batches, then of a two-corpus mix.
+
+  Stage 1 draws ``{"tokens": [B, T+1]}`` from ``stage1``; from batch ``switch_step`` on every
+  batch is the rows of ``mix["code"]`` followed by those of ``mix["prose"]`` (``round(B·f)``
+  and ``B − round(B·f)`` rows): one token array of the same shape, so the mean next-token loss
+  over its rows is ``f·L_code + (1 − f)·L_prose`` and a jitted step does not recompile at the
+  switch. Stage 1 is the batch sequence of ``stage1`` alone (that of a run without a switch).
+
+  The position is the members' :class:`IteratorState` s; how many batches were drawn so far is
+  ``stage1``'s position (``epoch·⌊N/B⌋ + index/B``: every epoch draws ``⌊N/B⌋`` batches and
+  stage 1's iterator stops at the switch), so ``set_state(get_state())`` resumes on either side
+  of the switch.
+  """
+
+  def __init__(self, stage1: BatchIterator, mix: Mapping[str, BatchIterator], switch_step: int):
+    if switch_step < 1:
+      raise ValueError(f"switch_step must be >= 1, got {switch_step}.")
+    self.stage1, self.mix, self.switch_step = stage1, dict(mix), int(switch_step)
+    rows = sum(it.batch_size for it in self.mix.values())
+    if rows != stage1.batch_size:
+      raise ValueError(f"the mix's batches hold {rows} rows, stage 1's {stage1.batch_size}; "
+                       "they must be equal (one step shape).")
+
+  @property
+  def drawn(self) -> int:
+    """Batches drawn so far: stage 1's (it stops at the switch), then the mix's."""
+    return _batches_drawn(self.stage1) + _batches_drawn(next(iter(self.mix.values())))
+
+  def get_state(self) -> dict[str, IteratorState]:
+    """Positions of stage 1 (key ``stage1``) and of every member of the mix, by name."""
+    return {"stage1": self.stage1.get_state(),
+            **{name: it.get_state() for name, it in self.mix.items()}}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restore every member from :meth:`get_state` output."""
+    want = {"stage1", *self.mix}
+    if set(state) != want:
+      raise ValueError(f"switching iterator state must have the keys {sorted(want)}, got "
+                       f"{sorted(state)}.")
+    self.stage1.set_state(state["stage1"])
+    for name, it in self.mix.items():
+      it.set_state(state[name])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    if _batches_drawn(self.stage1) < self.switch_step:
+      return next(self.stage1)
+    parts = [next(it) for it in self.mix.values()]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 # --------------------------------------------------------------------------------------------
 # Character vocabulary and corpora
 # --------------------------------------------------------------------------------------------
@@ -275,6 +338,28 @@ def corpus_text(name: str, data_config) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage2:
+  """The training data from batch ``switch_step`` on: the code/prose mix (``tasks``), each
+  batch ``code_fraction`` code (see :class:`SwitchingIterator`)."""
+  switch_step: int
+  code_fraction: float
+  tasks: dict[str, "Dataset"]  # {"code": ..., "prose": ...}, one shared vocabulary
+
+  def iterator(self, stage1: BatchIterator, seed: int) -> SwitchingIterator:
+    """``stage1``'s batches, then mixed batches of as many rows (the mix's shuffles are
+    seeded ``seed + 1`` (code) and ``seed + 2`` (prose))."""
+    rows = stage1.batch_size
+    code = int(round(rows * self.code_fraction))
+    sizes = {"code": code, "prose": rows - code}
+    if min(sizes.values()) < 1:
+      raise ValueError(f"data.code_fraction={self.code_fraction} leaves {sizes} rows of a "
+                       f"batch of {rows} after the switch; each task needs at least one. "
+                       "Change batch_size or data.code_fraction.")
+    mix = {t: d.iterator(sizes[t], seed + 1 + i) for i, (t, d) in enumerate(self.tasks.items())}
+    return SwitchingIterator(stage1, mix, self.switch_step)
+
+
 @dataclasses.dataclass
 class Dataset:
   """Train / eval arrays of one task plus how to cut them into batches.
@@ -282,6 +367,8 @@ class Dataset:
   ``train`` and ``eval`` are dicts of numpy arrays with a shared leading example axis:
   digits: ``{"x": [N, 64] float32, "y": [N, 10] float32 one-hot, "label": [N] int32}``;
   text: ``{"tokens": [N, T + 1] int32}`` (inputs ``[:, :-1]``, targets ``[:, 1:]``).
+  With ``stage2`` (``data.switch_step``) the training batches switch to its mix at that step;
+  ``eval`` stays this task's held-out split.
   """
   name: str
   train: dict[str, np.ndarray]
@@ -290,6 +377,7 @@ class Dataset:
   input_dim: int = 0  # classification: feature dimension
   num_classes: int = 0  # classification: classes; language model: vocabulary size
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  stage2: Stage2 | None = None
 
   @property
   def num_train(self) -> int:
@@ -299,12 +387,15 @@ class Dataset:
   def num_eval(self) -> int:
     return len(next(iter(self.eval.values())))
 
-  def iterator(self, batch_size: int, seed: int, *, multiple_of: int = 1) -> BatchIterator:
-    """Shuffled training batches of ``batch_size`` examples (``batch_size % multiple_of == 0``)."""
+  def iterator(self, batch_size: int, seed: int, *,
+               multiple_of: int = 1) -> BatchIterator | SwitchingIterator:
+    """Shuffled training batches of ``batch_size`` examples (``batch_size % multiple_of == 0``);
+    with ``stage2``, a :class:`SwitchingIterator` (the same batches until the switch)."""
     if batch_size % multiple_of:
       raise ValueError(f"batch_size={batch_size} must be a multiple of "
                        f"grad_accum_steps={multiple_of}.")
-    return BatchIterator(self.num_train, batch_size, self._take_train, seed=seed)
+    it = BatchIterator(self.num_train, batch_size, self._take_train, seed=seed)
+    return it if self.stage2 is None else self.stage2.iterator(it, seed)
 
   def full_batch(self, *, multiple_of: int = 1, max_examples: int = 0) -> dict[str, np.ndarray]:
     """The training set as one batch: the first ``max_examples`` (0: all) examples, rounded
@@ -416,6 +507,8 @@ def load_dataset(data_config, seed: int) -> "Dataset | dict[str, Dataset]":
   name = data_config.name
   if name == "digits":
     return load_digits_dataset(data_config, seed)
+  if name in ("code", "prose") and int(data_config.get("switch_step", 0)) > 0:
+    return two_stage_dataset(data_config)
   if name in ("code", "prose", "text"):
     text = corpus_text(name, data_config)
     return text_dataset(name, text, make_vocab(data_config, [text]), data_config)
@@ -424,3 +517,17 @@ def load_dataset(data_config, seed: int) -> "Dataset | dict[str, Dataset]":
     vocab = make_vocab(data_config, list(texts.values()))
     return {k: text_dataset(k, v, vocab, data_config) for k, v in texts.items()}
   raise ValueError(f"data.name={name!r} is not one of {DATASETS}.")
+
+
+def two_stage_dataset(data_config) -> Dataset:
+  """``data.name``'s corpus whose training batches switch to the code/prose mix at
+  ``data.switch_step`` (``data.code_fraction`` code); both corpora share one vocabulary, and
+  the fingerprint ``info`` records the switch and the mix's corpora."""
+  texts = {k: corpus_text(k, data_config) for k in ("code", "prose")}
+  vocab = make_vocab(data_config, list(texts.values()))
+  tasks = {k: text_dataset(k, v, vocab, data_config) for k, v in texts.items()}
+  first, switch = tasks[data_config.name], int(data_config.switch_step)
+  frac = float(data_config.code_fraction)
+  info = {**first.info, "stage2": {"switch_step": switch, "code_fraction": frac,
+                                   "mix": {t: d.info for t, d in tasks.items()}}}
+  return dataclasses.replace(first, info=info, stage2=Stage2(switch, frac, tasks))

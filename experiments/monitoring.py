@@ -77,7 +77,8 @@ def stage_boundaries(config) -> dict[int, str]:
 
   The end of warmup (step ``warmup_steps``: the state after the last warmup update) and, for
   WSD, the start of the decay (the state before the first decayed update; the same formula as
-  ``experiments.optim.make_schedule``). Steps 0 and ``num_steps`` are left out (nothing to mark
+  ``experiments.optim.make_schedule``), for two_stage the start of stage 2 (the state stage 1
+  ends with). Steps 0 and ``num_steps`` are left out (nothing to mark
   at the start; the end of the run is always saved).
   """
   s, total = config.schedule, int(config.num_steps)
@@ -85,9 +86,11 @@ def stage_boundaries(config) -> dict[int, str]:
   out: dict[int, str] = {}
   if warm > 0:
     out[warm] = f"stage boundary: end of warmup (step {warm})"
-  if s.name == "warmup_stable_decay":
+  if s.name in ("warmup_stable_decay", "two_stage"):
     decay_start = max(total - max(1, int(round(float(s.decay_fraction) * total))), warm)
-    reason = f"stage boundary: start of decay (step {decay_start})"
+    reason = (f"stage boundary: start of decay (step {decay_start})"
+              if s.name == "warmup_stable_decay" else
+              f"stage boundary: start of stage 2 (step {decay_start})")
     out[decay_start] = f"{out[decay_start]}; {reason}" if decay_start in out else reason
   return {k: v for k, v in out.items() if 0 < k < total}
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 import curvature
+from experiments import config_lib
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -45,6 +46,12 @@ def make_schedule(config) -> Schedule:
   * ``warmup_cosine``: cosine decay from η at step W to ``end_fraction·η`` at ``num_steps``.
   * ``warmup_stable_decay`` (WSD): flat at η, then a linear or cosine decay to
     ``end_fraction·η`` over the last ``decay_fraction`` of the run.
+  * ``two_stage`` (pre-training then mid-training, as OLMo-2: Walsh et al. 2025, arXiv
+    2501.00656, whose checkpoints Kalra et al. 2026, arXiv 2601.16979, Fig. 4, measure): stage
+    1 a cosine decay from η at step W to ``stage1_end_fraction·η`` at the stage-2 start S; stage 2
+    a linear (or cosine, ``decay_shape``) decay from there to ``end_fraction·η`` at
+    ``num_steps``. S = ``config_lib.decay_start``: the last ``decay_fraction`` of the run, the
+    step ``data.switch_step`` must name when the data changes with it.
 
   The step is taken as float32 and η(t) is a float32 scalar.
   """
@@ -58,16 +65,18 @@ def make_schedule(config) -> Schedule:
     pieces, boundaries = [optax.constant_schedule(peak)], []
   elif s.name == "warmup_cosine":
     pieces, boundaries = [_cosine(peak, end, max(total - warm, 1))], []
-  elif s.name == "warmup_stable_decay":
-    decay_start = total - max(1, int(round(float(s.decay_fraction) * total)))
-    decay_start = max(decay_start, warm)
-    steps = max(total - decay_start, 1)
-    decay = (optax.linear_schedule(peak, end, steps) if s.decay_shape == "linear"
-             else _cosine(peak, end, steps))
-    pieces, boundaries = [optax.constant_schedule(peak), decay], [decay_start - warm]
+  elif s.name in ("warmup_stable_decay", "two_stage"):
+    start = config_lib.decay_start(config)
+    steps = max(total - start, 1)
+    # WSD decays from the peak; two_stage's stage 2 from where stage 1's cosine ended.
+    top = peak if s.name == "warmup_stable_decay" else peak * float(s.stage1_end_fraction)
+    decay = (optax.linear_schedule(top, end, steps) if s.decay_shape == "linear"
+             else _cosine(top, end, steps))
+    first = (optax.constant_schedule(peak) if s.name == "warmup_stable_decay"
+             else _cosine(peak, top, max(start - warm, 1)))
+    pieces, boundaries = [first, decay], [start - warm]
   else:
-    raise ValueError(f"schedule.name={s.name!r} is not one of "
-                     "['constant', 'warmup_cosine', 'warmup_stable_decay'].")
+    raise ValueError(f"schedule.name={s.name!r} is not one of {list(config_lib.SCHEDULES)}.")
   if warm:
     pieces, boundaries = [_warmup(peak, warm)] + pieces, [0] + boundaries
     boundaries = [b + warm for b in boundaries]

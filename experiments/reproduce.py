@@ -13,11 +13,10 @@ the pipeline; its verdicts are not judged.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -25,34 +24,7 @@ from experiments import criteria
 from experiments import plots
 from experiments.plots import series  # (steps, values) of a metric's finite values
 
-EOS = "configs/edge_of_stability.py"
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One training run of a reproduction: a config spec, overrides and a label."""
-  label: str
-  config: str
-  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Reproduction:
-  """A published claim, the runs that test it, and how to judge and draw them."""
-  name: str
-  figure: str  # the paper's figure, e.g. "Kalra et al. 2026, Fig. 2"
-  claim: str  # the criterion in words, with its thresholds
-  runs: Callable[[bool], list[Run]]  # smoke -> runs
-  # rows per label -> (measured text, verdict: True, False or "partly")
-  judge: Callable[[dict[str, list[dict]]], tuple[str, bool | str]]
-  plot: Callable[[dict[str, list[dict]], str], None]  # rows per label, path
-
-
-def _threshold(rows: list[dict], key: str) -> np.ndarray:
-  """2/η(t) at each step where ``key`` was measured (η as logged in ``train/lr``)."""
-  lr = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
-  steps, _ = series(rows, key)
-  return np.array([2.0 / lr.get(int(s), np.nan) for s in steps])
+from experiments.repro_base import EOS, Reproduction, Run, threshold as _threshold
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,21 +158,38 @@ def _plot_lr(rows: dict[str, list[dict]], path: str) -> None:
   plt.close(fig)
 
 
-REPRODUCTIONS = {
-    r.name: r for r in (
-        Reproduction(
-            "batch_size", "Kalra et al. 2026, Fig. 2",
-            "full batch: λ_max/(2/η) in [0.9, 1.2] and λ_c/(2/η) in [0.8, 1.2] over the last "
-            "30 %, with ≥ 50 % of λ_c's rise between two of 20 windows (abrupt); medium (1/10) "
-            "and small (1/100) batch: λ_max, λ_dir, λ_c each rise ≥ 1.5× (last vs first window "
-            "median) with < 50 % of the rise in one window (gradual)",
-            _batch_runs, _judge_batch, _plot_batch),
-        Reproduction(
-            "lr_sweep", "Cohen et al. 2021, Fig. 1",
-            "for η = 0.11, 0.1, 0.08: λ_max/(2/η) in [0.9, 1.2] over the last 30 %",
-            _lr_runs, _judge_lr, _plot_lr),
-    )
-}
+_HERE = (
+    Reproduction(
+        "batch_size", "Kalra et al. 2026, Fig. 2",
+        "full batch: λ_max/(2/η) in [0.9, 1.2] and λ_c/(2/η) in [0.8, 1.2] over the last "
+        "30 %, with ≥ 50 % of λ_c's rise between two of 20 windows (abrupt); medium (1/10) "
+        "and small (1/100) batch: λ_max, λ_dir, λ_c each rise ≥ 1.5× (last vs first window "
+        "median) with < 50 % of the rise in one window (gradual)",
+        _batch_runs, _judge_batch, _plot_batch),
+    Reproduction(
+        "lr_sweep", "Cohen et al. 2021, Fig. 1",
+        "for η = 0.11, 0.1, 0.08: λ_max/(2/η) in [0.9, 1.2] over the last 30 %",
+        _lr_runs, _judge_lr, _plot_lr),
+)
+
+
+# Modules that each define ``REPRODUCTIONS``, a tuple of :class:`Reproduction` (imported here so
+# ``--list`` and ``--name`` see them; they import only ``repro_base``, never this module).
+_MODULES = ("repro_adamw", "repro_two_stage", "repro_mixing", "repro_cost")
+
+
+def _collect_registry() -> dict[str, Reproduction]:
+  import importlib  # pylint: disable=g-import-not-at-top
+  reps = list(_HERE)
+  for module in _MODULES:
+    reps.extend(importlib.import_module(f"experiments.{module}").REPRODUCTIONS)
+  names = [r.name for r in reps]
+  if len(set(names)) != len(names):
+    raise ValueError(f"duplicate reproduction names: {names}")
+  return {r.name: r for r in reps}
+
+
+REPRODUCTIONS = _collect_registry()
 
 
 def reproduce(name: str, workdir: str, *, smoke: bool = False) -> dict[str, Any]:
@@ -212,12 +201,15 @@ def reproduce(name: str, workdir: str, *, smoke: bool = False) -> dict[str, Any]
   rep = REPRODUCTIONS[name]
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  rows = {}
+  run_dirs = {}
   for run in rep.runs(smoke):
-    run_dir = os.path.join(workdir, run.label)
+    run_dirs[run.label] = os.path.join(workdir, run.label)
     config = config_lib.load_config(run.config, run.overrides)
-    trainer.train_and_evaluate(config, run_dir)
-    rows[run.label] = plots.read_metrics(run_dir)
+    trainer.train_and_evaluate(config, run_dirs[run.label])
+  if rep.collect is None:
+    rows = {label: plots.read_metrics(d) for label, d in run_dirs.items()}
+  else:
+    rows = rep.collect(workdir, run_dirs, smoke)
   seconds = time.perf_counter() - start
   text, ok = rep.judge(rows)
   figure = os.path.join(workdir, f"{name}.png")

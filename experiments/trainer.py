@@ -286,26 +286,79 @@ def make_preconditioned_fn(loss_fn, config):
 
 
 def make_relative_fn(loss_fn, preconditioner, config):
-  """``(params, opt_state, batch, guesses) -> CriticalSharpness`` with [2, 2] fields.
+  r"""``(params, batch, held_out, guesses) -> (per_batch, band, next_guesses)``, the 2×2
+  relative critical sharpness matrix on held-out batches (Kalra et al. 2026, arXiv 2601.16979).
 
-  Entry [i, j]: λ_c of task i's loss along task j's unit-LR update Δθ_j, the optimizer's update
-  of task j's gradient alone without the learning-rate scale (a virtual step: the optimizer
-  state is not changed). Rows and columns follow ``TASKS``.
+  Entry [i, j] is :math:`\lambda_c^{i\to j} = 2/\eta_c`, :math:`\eta_c = \min\{\eta :
+  L_i(\theta - \eta\,\Delta\theta_j) > L_i(\theta)\}`, measured on each of task i's K fixed
+  held-out batches (``held_out[task]``, stacked on a leading axis) and summarised by
+  ``curvature.relative_sharpness_band`` (median, min, max; ``not_descent`` counts as +inf).
+  :math:`\Delta\theta_j` is the paper's update of task j: the update a fresh optimizer takes
+  from the gradient of task j's part of this training batch, at unit learning rate — for AdamW
+  its first step :math:`g_j/(|g_j| + \epsilon) + \gamma\theta` (the authors' virtual step
+  from an empty optimizer state, as when fine-tuning on task j starts from θ), not a step
+  of the mixed run's optimizer state, whose moments mostly carry the other task's gradients.
+  The monitored gradients come from the held-out batches' own ``value_and_grad`` (one per
+  batch, for both directions). Rows and columns follow ``TASKS``; ``next_guesses`` = 2/median
+  where finite (the next measurement's warm start), else ``guesses``.
   """
   task_loss = loss_fn.task_loss
   p = config.probe
 
-  def relative(params, opt_state, batch, guesses):
-    fns = [functools.partial(task_loss, batch=batch[t]) for t in TASKS]
-    directions = []
-    for fn in fns:
-      grads = jax.grad(fn)(params)
-      direction, _ = preconditioner.update(grads, opt_state[0], params)
-      directions.append(direction)
-    return curvature.relative_sharpness_matrix(
-        fns, params, directions, step_guesses=guesses, tol_power=p.tol_power,
-        max_evals=p.max_evals)
+  def relative(params, batch, held_out, guesses):
+    fresh = preconditioner.init(params)
+    directions = [preconditioner.update(jax.grad(task_loss)(params, batch[t]), fresh, params)[0]
+                  for t in TASKS]
+    per_batch, band = curvature.relative_sharpness_band(
+        [task_loss] * len(TASKS), params, directions, [held_out[t] for t in TASKS],
+        step_guesses=guesses, tol_power=p.tol_power, max_evals=p.max_evals)
+    ok = jnp.isfinite(band.median) & (band.median > 0)
+    return per_batch, band, jnp.where(ok, 2.0 / jnp.where(ok, band.median, 1.0), guesses)
   return relative
+
+
+def relative_held_out(config, dataset) -> dict[str, dict[str, Any]]:
+  """Each task's evaluation examples (``eval_examples``, 0: all) cut into
+  ``probe.relative_batches`` fixed held-out batches: ``{task: {"tokens": [K, n, T + 1]}}``."""
+  k = config.probe.relative_batches
+  out = {}
+  for t in TASKS:
+    tokens = dataset[t].eval_batch(config.eval_examples)["tokens"]
+    n = len(tokens) // k
+    if n < 1:
+      raise ValueError(f"probe.relative_batches={k} held-out batches of {t} need at least {k} "
+                       f"evaluation sequences, eval_examples gives {len(tokens)}.")
+    out[t] = {"tokens": tokens[:k * n].reshape((k, n) + tokens.shape[1:])}
+  return out
+
+
+def _logged_relative(relative):
+  """``relative`` (:func:`make_relative_fn`) returning the logged metrics and
+  ``next_guess``, for the jitted probe."""
+  def logged(params, batch, held_out, guesses):
+    per_batch, band, nxt = relative(params, batch, held_out, guesses)
+    return {**_relative_metrics(per_batch, band), "next_guess": nxt}
+  return logged
+
+
+def _relative_metrics(per_batch, band) -> dict[str, jax.Array]:
+  """The logged band of each entry: median as ``curv/relative/<i>_along_<j>``, ``/min``,
+  ``/max`` and ``not_descent`` counts under their own prefixes, and a status: ok (finite
+  median), not_descent (+inf median), no_rise (0), else the batches' most common status."""
+  out = {}
+  codes = jnp.arange(len(curvature.STATUS_NAMES))
+  for i, li in enumerate(TASKS):
+    for j, dj in enumerate(TASKS):
+      med, name = band.median[i, j], f"{li}_along_{dj}"
+      mode = jnp.argmax(jnp.sum(per_batch.status[:, i, j, None] == codes, axis=0))
+      status = jnp.where(jnp.isfinite(med) & (med > 0), curvature.STATUS_OK,
+                         jnp.where(jnp.isinf(med), curvature.STATUS_NOT_DESCENT,
+                                   jnp.where(med == 0, curvature.STATUS_NO_RISE, mode)))
+      out.update({f"curv/relative/{name}": med, f"curv/relative_min/{name}": band.min[i, j],
+                  f"curv/relative_max/{name}": band.max[i, j],
+                  f"curv/relative_not_descent/{name}": band.num_not_descent[i, j],
+                  f"curv/relative_status/{name}": status.astype(jnp.int32)})
+  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,16 +372,19 @@ class Probes(loop.Hook):
   Explicit state, checkpointed with the run: ``key`` (the probes' PRNG key; each probe and
   step draws from its own stream, :func:`probe_stream_key`) and ``guess`` (the relative
   matrix's warm-start step sizes, [2, 2]). ``lanczos``, ``preconditioned``, ``relative``:
-  the jitted probes, None when off.
+  the jitted probes, None when off; ``held_out``: the relative matrix's held-out batches
+  (:func:`relative_held_out`).
   """
 
-  def __init__(self, config, *, key, guess, lanczos=None, preconditioned=None, relative=None):
+  def __init__(self, config, *, key, guess, lanczos=None, preconditioned=None, relative=None,
+               held_out=None):
     p = config.probe
     self.every = {"lanczos": p.lanczos_every, "preconditioned": p.preconditioned_every,
                   "relative": p.relative_every}
     self.last = config.num_steps - 1
     self.key, self.guess = key, guess
     self.lanczos, self.preconditioned, self.relative = lanczos, preconditioned, relative
+    self.held_out = held_out
 
   def _due(self, name: str, step: int) -> bool:
     return getattr(self, name) is not None and loop.due(self.every[name], step, self.last)
@@ -339,12 +395,9 @@ class Probes(loop.Hook):
       out["curv/lambda_max"], out["curv/lambda_max_converged"] = self.lanczos(
           state.params, batch, probe_stream_key(self.key, step, "lambda_max"))
     if self._due("relative", step):
-      rel = self.relative(state.params, state.opt_state, batch, self.guess)
-      self.guess = rel.step_size
-      for i, li in enumerate(TASKS):
-        for j, dj in enumerate(TASKS):
-          out[f"curv/relative/{li}_along_{dj}"] = rel.sharpness[i, j]
-          out[f"curv/relative_status/{li}_along_{dj}"] = rel.status[i, j]
+      rel = self.relative(state.params, batch, self.held_out, self.guess)
+      self.guess = rel.pop("next_guess")
+      out.update(rel)
     return out
 
   def sync(self, step):
@@ -541,8 +594,8 @@ def _jitted(config, model: _Model, optimizer, schedule, pl: _Placement) -> _Jitt
       if p.lanczos_every else None,
       jax.jit(make_preconditioned_fn(probe_loss_fn, config), **small)
       if p.preconditioned_every else None,
-      jax.jit(make_relative_fn(probe_base, optimizer.preconditioner, config), **small)
-      if p.relative_every else None)
+      jax.jit(_logged_relative(make_relative_fn(probe_base, optimizer.preconditioner, config)),
+              **small) if p.relative_every else None)
 
 
 class _Resumed(NamedTuple):
@@ -653,7 +706,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        pl.small_sh),
                   guess=pl.place(jnp.full((len(TASKS), len(TASKS)), p.step_guess,
                                           jnp.float32), pl.small_sh),
-                  lanczos=fns.lanczos, preconditioned=fns.preconditioned, relative=fns.relative)
+                  lanczos=fns.lanczos, preconditioned=fns.preconditioned, relative=fns.relative,
+                  held_out=None if fns.relative is None else pl.place(
+                      relative_held_out(config, model.dataset), pl.small_sh))
   monitor = (monitoring.RunMonitor(monitoring.from_config(config), workdir=workdir,
                                    audit_every=config.monitor.audit_every,
                                    last_step=config.num_steps - 1, write_audit=is_primary)

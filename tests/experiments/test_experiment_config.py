@@ -19,7 +19,8 @@ PRESETS = ["configs/edge_of_stability.py", "configs/edge_of_stability.py:adam",
            "configs/olmo_style.py:wsd", "configs/olmo_style.py:cosine",
            "configs/olmo_style.py:wsd,smoke", "configs/olmo_style.py:cosine,smoke",
            "configs/data_mixing.py", "configs/data_mixing.py:smoke",
-           "configs/distill.py", "configs/distill.py:ce,smoke", "configs/distill.py:fused"]
+           "configs/distill.py", "configs/distill.py:ce,smoke", "configs/distill.py:fused",
+           "configs/two_stage.py", "configs/two_stage.py:smoke"]
 
 
 def test_every_config_file_is_covered():

@@ -22,7 +22,7 @@ def _config(**schedule):
 
 
 def _reference(step, *, name, warmup_steps, end_fraction=0.0, decay_fraction=0.2,
-               decay_shape="linear"):
+               decay_shape="linear", stage1_end_fraction=0.1):
   """The schedules as closed-form float64 formulas (the hand-written form before optax)."""
   t = np.asarray(step, np.float64)
   w, end = warmup_steps, PEAK * end_fraction
@@ -32,6 +32,16 @@ def _reference(step, *, name, warmup_steps, end_fraction=0.0, decay_fraction=0.2
     return warm
   if name == "warmup_cosine":
     decayed = cosine(np.clip((t - w) / max(TOTAL - w, 1), 0.0, 1.0))
+  elif name == "two_stage":
+    # Stage 1: cosine from PEAK at w to mid at the stage-2 start; stage 2: mid to end.
+    start = max(TOTAL - max(1, int(round(decay_fraction * TOTAL))), w)
+    mid = PEAK * stage1_end_fraction
+    first = mid + (PEAK - mid) * 0.5 * (1.0 + np.cos(np.pi * np.clip(
+        (t - w) / max(start - w, 1), 0.0, 1.0)))
+    frac = np.clip((t - start) / max(TOTAL - start, 1), 0.0, 1.0)
+    second = (mid + (end - mid) * frac if decay_shape == "linear"
+              else end + (mid - end) * 0.5 * (1.0 + np.cos(np.pi * frac)))
+    decayed = np.where(t < start, first, second)
   else:
     start = max(TOTAL - max(1, int(round(decay_fraction * TOTAL))), w)
     frac = np.clip((t - start) / max(TOTAL - start, 1), 0.0, 1.0)
@@ -48,6 +58,10 @@ CASES = [
     dict(name="warmup_stable_decay", warmup_steps=0, decay_fraction=0.3, end_fraction=0.1,
          decay_shape="cosine"),
     dict(name="warmup_stable_decay", warmup_steps=90, decay_fraction=0.5, end_fraction=0.05),
+    dict(name="two_stage", warmup_steps=10, decay_fraction=0.25, end_fraction=0.0,
+         stage1_end_fraction=0.1),
+    dict(name="two_stage", warmup_steps=0, decay_fraction=0.3, end_fraction=0.05,
+         stage1_end_fraction=0.2, decay_shape="cosine"),
 ]
 
 
