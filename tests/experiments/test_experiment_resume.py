@@ -211,7 +211,9 @@ def test_sigkilled_cli_data_mixing_run_resumes_to_identical_metrics(tmp_path, co
   """
   # The monitor's state in a checkpoint is resumed in the full-batch test; off here, its
   # compilation would be most of this test's time.
-  flags = {"num_steps": 20, "probe.relative_every": 3, "eval_every": 10,
+  # Two held-out batches per task are enough to carry the warm start through a resume.
+  flags = {"num_steps": 20, "probe.relative_every": 3, "probe.relative_batches": 2,
+           "eval_every": 10,
            "checkpoint.every": 4, "progress_bar": False, "plots": False,
            "monitor.enabled": False}
   rng = np.random.default_rng(2024)
