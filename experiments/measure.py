@@ -184,6 +184,17 @@ def fill_state(template, restored, *, step: int):
   return jax.tree_util.tree_map_with_path(one, template)
 
 
+def restore_state(mgr, setup: "Setup", step: int):
+  """The TrainState of checkpoint ``step``, laid out as ``setup.template`` (:func:`fill_state`);
+  a warning when the checkpoint was saved on other data than ``setup`` builds."""
+  from experiments import records  # pylint: disable=g-import-not-at-top
+  restored = mgr.restore(step)
+  if records.to_json(restored.metadata.get("data")) != records.to_json(setup.data_info):
+    logging.warning("checkpoint %d was saved on other data (%s) than config.json now "
+                    "builds (%s)", step, restored.metadata.get("data"), setup.data_info)
+  return fill_state(setup.template, restored.state["train"], step=step)
+
+
 # --------------------------------------------------------------------------------------------
 # Model, loss, direction and held-out batches from the config
 # --------------------------------------------------------------------------------------------
@@ -370,7 +381,7 @@ def measure_run(workdir: str, *, probes: Sequence[str] = ("critical",), batches:
   :class:`MeasureError` for a missing run, config or checkpoint, or a bad argument.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from experiments import checkpointing, records, trainer  # pylint: disable=g-import-not-at-top
+  from experiments import checkpointing, trainer  # pylint: disable=g-import-not-at-top
   probes = parse_probes(",".join(probes))
   if direction not in DIRECTIONS:
     raise MeasureError(f"--direction={direction!r}: accepted: {', '.join(DIRECTIONS)}.")
@@ -394,11 +405,7 @@ def measure_run(workdir: str, *, probes: Sequence[str] = ("critical",), batches:
     rows = []
     with open(os.path.join(out, METRICS_FILE), "w", encoding="utf-8") as f:
       for step in tqdm(chosen, desc="checkpoints", disable=not progress_bar, dynamic_ncols=True):
-        restored = mgr.restore(step)
-        if records.to_json(restored.metadata.get("data")) != records.to_json(setup.data_info):
-          logging.warning("checkpoint %d was saved on other data (%s) than config.json now "
-                          "builds (%s)", step, restored.metadata.get("data"), setup.data_info)
-        state = fill_state(setup.template, restored.state["train"], step=step)
+        state = restore_state(mgr, setup, step)
         lr = float(setup.schedule(trainer.schedule_count(state.opt_state, state.step)))
         res = jax.device_get(measure(state.params, state.opt_state, stacked, keys))
         rows.append(summarize(step, mgr.record(step), lr, res, split))

@@ -137,7 +137,7 @@ def micro_batch_ph(run_dir: str) -> dict[int, float]:
     ph = _make_ph_fn(setup, config)
     key = jax.random.key(config.seed)
     for step in sorted(mgr.all_steps()):
-      state = measure.fill_state(setup.template, mgr.restore(step).state["train"], step=step)
+      state = measure.restore_state(mgr, setup, step)
       out[step] = float(ph(state.params, state.opt_state, batch, jax.random.fold_in(key, step)))
   with open(path, "w", encoding="utf-8") as f:
     for step, value in out.items():

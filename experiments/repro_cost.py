@@ -170,7 +170,7 @@ def _closest_to_edge(fns, mgr, setup, steps, batch) -> int:
   from experiments import measure, trainer  # pylint: disable=g-import-not-at-top
   best, best_step = -np.inf, steps[-1]
   for step in [s for s in steps if s >= steps[-1] // 2]:
-    state = measure.fill_state(setup.template, mgr.restore(step).state["train"], step=step)
+    state = measure.restore_state(mgr, setup, step)
     lr = float(setup.schedule(trainer.schedule_count(state.opt_state, state.step)))
     _, g = fns["grad"](state.params, batch)
     d, _ = setup.preconditioner.update(g, state.opt_state[0], state.params)
@@ -196,7 +196,7 @@ def _width_rows(run_dir: str, width: int, smoke: bool) -> list[dict]:
     steps = mgr.all_steps()
     edge_step = _closest_to_edge(fns, mgr, setup, steps, batch)
     for phase, step in (("early", steps[0]), ("late", edge_step)):
-      state = measure.fill_state(setup.template, mgr.restore(step).state["train"], step=step)
+      state = measure.restore_state(mgr, setup, step)
       lr = float(setup.schedule(trainer.schedule_count(state.opt_state, state.step)))
       seg = measure_segment(fns, state.params, state.opt_state[0], setup.preconditioner,
                             batch, lr, 2 if smoke else SEGMENT)

@@ -62,7 +62,7 @@ def _pretrained(run_dir: str):
   setup = measure.build_setup(config)
   with measure.checkpoint_snapshot(run_dir) as mgr:
     step = max(mgr.all_steps())
-    state = measure.fill_state(setup.template, mgr.restore(step).state["train"], step=step)
+    state = measure.restore_state(mgr, setup, step)
   data_config = config.data.copy_and_resolve_references()
   with data_config.unlocked():
     data_config.name = "mix"
