@@ -154,13 +154,14 @@ def test_minibatch_gpt_resume_restores_the_data_position(tmp_path, monkeypatch):
 
 
 def test_resume_false_moves_the_old_run_aside_and_overrides(tmp_path):
+  # Resume bookkeeping only: the monitor (resumed in the full-batch test) stays off.
   config = _config("configs/edge_of_stability.py:smoke", num_steps=2,
-                   **{"probe.lanczos_every": 0, "eval_every": 0})
+                   **{"probe.lanczos_every": 0, "eval_every": 0, "monitor.enabled": False})
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(config, workdir)
   first = _lines(workdir)
   fresh = _config("configs/edge_of_stability.py:smoke", num_steps=2,
-                  **{"probe.lanczos_every": 0, "eval_every": 0, "checkpoint.resume": False,
+                  **{"probe.lanczos_every": 0, "eval_every": 0, "monitor.enabled": False, "checkpoint.resume": False,
                      "optimizer.learning_rate": 0.05})
   summary = trainer.train_and_evaluate(fresh, workdir)
   assert summary["resumed_from_step"] is None
@@ -169,7 +170,7 @@ def test_resume_false_moves_the_old_run_aside_and_overrides(tmp_path):
 
   # allow_config_change continues the saved state under the new config (here: longer).
   longer = _config("configs/edge_of_stability.py:smoke", num_steps=3,
-                   **{"probe.lanczos_every": 0, "eval_every": 0,
+                   **{"probe.lanczos_every": 0, "eval_every": 0, "monitor.enabled": False,
                       "optimizer.learning_rate": 0.05, "checkpoint.allow_config_change": True})
   summary = trainer.train_and_evaluate(longer, workdir)
   assert summary["resumed_from_step"] == 2
