@@ -8,7 +8,11 @@ train step (value and grad, AdamW) and the same step with ``critical_sharpness_p
 chain as the README shows it (``value=loss, grad=grads``), with ``bracket="trials"`` (the
 default) and ``bracket="convex"``. Each step of each is timed, one after the other, so that load
 on the machine (shared with other jobs) falls on all alike; the ratio of the medians is the
-probe's cost in train steps (target ≤ 2.0: at most one extra step).
+probe's cost in train steps (target ≤ 2.0: at most one extra step). Timed with them: the plain
+step plus three forward passes along its update at fixed steps, the cost of a 3-trial search
+with nothing else (on the GPT three forward passes inside the step are one whole step), and
+how far each warm start (the previous η_c) is from the η_c it finds: a bracket of two tried
+steps within 2^-k needs a third trial unless the start is already within 2^-k.
 
 Along the first probed run's update (AdamW's unit-LR Δθ), untimed, the standalone
 ``curvature.critical_sharpness`` measures the same λ_c twice, each warm-started from its own
@@ -56,6 +60,17 @@ def _steps(loss_fn, pre, plain, probed):
     return jax.jit(step)
 
   @jax.jit
+  def floor(p, s, b):
+    """The plain step plus three forward passes along its update: what a 3-trial search costs
+    when the search itself is free (the trial steps depend on the loss, so none is folded)."""
+    loss, g = jax.value_and_grad(loss_fn)(p, b)
+    u, s = plain.update(g, s, p)
+    acc = loss
+    for e in (0.5, 1.0, 1.5):
+      acc = acc + loss_fn(jax.tree.map(lambda a, d: a + e * (1 + 1e-9 * acc) * d, p, u), b)
+    return optax.apply_updates(p, u), s, acc
+
+  @jax.jit
   def standalone(p, s, b, guesses):
     loss, g = jax.value_and_grad(loss_fn)(p, b)
     direction, _ = pre.update(g, s[0], p)        # the probed run's Δθ at this step
@@ -66,7 +81,7 @@ def _steps(loss_fn, pre, plain, probed):
           method=method, growth=growth))
     return out
 
-  return make(plain), {b: make(tx) for b, tx in probed.items()}, standalone
+  return make(plain), {b: make(tx) for b, tx in probed.items()}, standalone, floor
 
 
 def _histogram(counts) -> str:
@@ -82,17 +97,18 @@ def _timed(fn, *args):
 
 def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -> dict:
   pre, plain, probed = _chains(lr)
-  plain_step, probe_step, standalone = _steps(loss_fn, pre, plain, probed)
+  plain_step, probe_step, standalone, floor_step = _steps(loss_fn, pre, plain, probed)
   fwd = jax.jit(loss_fn)
   s_plain, p_plain = plain.init(params), params
   runs = {b: (params, tx.init(params)) for b, tx in probed.items()}
   guesses = (jnp.float32(1.0), jnp.float32(1.0))
-  t_plain, t_fwd, evals = [], [], {"interpolate": [], "bisect": []}
+  t_plain, t_fwd, t_floor, evals = [], [], [], {"interpolate": [], "bisect": []}
   t_probe, probe_evals = {b: [] for b in BRACKETS}, {b: [] for b in BRACKETS}
-  worst, statuses = 0.0, collections.Counter()
+  worst, statuses, guess_err = 0.0, collections.Counter(), []
   for t in range(warmup + steps):
     b = next(batches)
     res = standalone(*runs["trials"], b, guesses)
+    warm_from = float(guesses[0])
     guesses = tuple(jnp.where(jnp.isfinite(r.step_size), r.step_size, g).astype(jnp.float32)
                     for r, g in zip(res, guesses))
     jax.block_until_ready((res, guesses))   # nothing untimed left in the queue
@@ -101,10 +117,12 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
     for k in BRACKETS:
       runs[k], dt[k] = _timed(probe_step[k], *runs[k], b)
     _, dt_fwd = _timed(fwd, p_plain, b)
+    _, dt_floor = _timed(floor_step, p_plain, s_plain, b)
     if t < warmup:
       continue
     t_plain.append(dt_plain)
     t_fwd.append(dt_fwd)
+    t_floor.append(dt_floor)
     for k in BRACKETS:
       t_probe[k].append(dt[k])
       probe_evals[k].append(int(runs[k][1][1].info.num_evals))
@@ -112,6 +130,8 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
     for r, m in zip(res, evals):
       evals[m].append(int(r.num_evals))
       statuses[(m, curvature.STATUS_NAMES[int(r.status)])] += 1
+    if np.isfinite(float(res[0].step_size)):
+      guess_err.append(abs(np.log(warm_from / float(res[0].step_size))))
     a, c = (float(r.sharpness) for r in res)
     if np.isfinite(a) and np.isfinite(c) and c > 0:
       worst = max(worst, abs(a / c - 1))
@@ -123,6 +143,9 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
       ("train step, AdamW (median)", f"{np.median(t_plain) * 1e3:.1f} ms", "1.00x"),
       ("one forward pass (loss only)", f"{np.median(t_fwd) * 1e3:.1f} ms",
        f"{np.median(t_fwd) / np.median(t_plain):.2f}x"),
+      ("train step + 3 forward passes along its update, no search (median)",
+       f"{np.median(t_floor) * 1e3:.1f} ms",
+       f"{np.median(t_floor) / np.median(t_plain):.2f}x  (a 3-trial search's floor)"),
       *[(f"train step + critical_sharpness_probe(bracket={k!r}) (median)",
          f"{np.median(t_probe[k]) * 1e3:.1f} ms", f"{ratio[k]:.2f}x  [target <= 2.0x]")
         for k in BRACKETS],
@@ -132,6 +155,10 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
       ("standalone default (interpolate), grad= and loss0= given",
        f"{np.mean(evals['interpolate']):.2f}",
        f"histogram {{{_histogram(evals['interpolate'])}}}  [target <= 4]"),
+      ("warm start (previous η_c) off by: median; share within 2^-4 of η_c",
+       f"{np.expm1(np.median(guess_err)) * 100:.0f} %",
+       f"{np.mean(np.array(guess_err) < -np.log1p(-2.0 ** -4)) * 100:.0f} % of measurements "
+       "(else a tried-step bracket needs >= 3 trials)"),
       ("standalone paper's search (bisect, growth 2)", f"{np.mean(evals['bisect']):.2f}",
        f"histogram {{{_histogram(evals['bisect'])}}}"),
       ("largest |λ_c(default)/λ_c(paper) − 1|", f"{worst:.4f}",

@@ -54,6 +54,12 @@ _RESOLUTION_ULPS = 4.0
 # The interpolating search trusts its model for at most this many trials per search, then
 # falls back to the paper's rule (which always makes progress).
 _MAX_MODEL_TRIALS = 4
+# After this many model trials in a row that left the bracket one-sided (both rose, or
+# neither did), the next trial is the paper's (x growth or / growth). Two: the first model
+# trial, from the parabola through one far trial, often errs by 10-30 % on the same side as
+# that trial; the second, from the parabola through the last two trials, rarely does
+# (benchmarks/critical_bench.py: 5-6 evaluations in 8 of 80 GPT searches with one, 2 with two).
+_ONE_SIDED_LIMIT = 2
 # One model trial extrapolates at most this factor beyond the largest step without a rise: a
 # parabola fitted where the line is still flat can overshoot (and a far step can overflow).
 _MAX_EXTRAPOLATION = 8.0
@@ -243,6 +249,7 @@ class _Search(NamedTuple):
   num_evals: jax.Array
   n_model: jax.Array    # model trials made
   by_model: jax.Array   # whether ``eta`` was placed by the model
+  n_one_sided: jax.Array  # consecutive model trials that left the bracket one-sided
   done: jax.Array       # converged, or stopped by a status below
   status: jax.Array     # provisional: NONFINITE / NOT_DESCENT / UNRESOLVED when ``done``
 
@@ -292,17 +299,20 @@ def _search_step(s: _Search, f, *, slope, resolution, tol, growth, interpolate,
   if interpolate:
     model, use, edge = _model_trial(slope, s, tol, convex)
     # Safeguards for a line far from quadratic, where the model errs the same way trial after
-    # trial: unless the model now asks for an edge trial (which may close the bracket), a
-    # model trial that left the bracket one-sided is followed by the paper's step (x growth
-    # or / growth), and one that did not halve the bracket's log-width by a geometric
-    # bisection, before the model is trusted again.
+    # trial: unless the model now asks for an edge trial (which may close the bracket),
+    # ``_ONE_SIDED_LIMIT`` model trials in a row that left the bracket one-sided are followed
+    # by the paper's step (x growth or / growth), and a model trial that did not halve the
+    # bracket's log-width by a geometric bisection, before the model is trusted again.
     before = jnp.log(_bracket_ratio(old_lo, old_hi))
     after = jnp.log(_bracket_ratio(lo, hi))
     stalled = jnp.isfinite(after) & (after > 0.5 * before) & s.by_model
-    one_sided_again = ~jnp.isfinite(after) & s.by_model
+    one_sided = ~jnp.isfinite(after) & s.by_model
+    n_one_sided = jnp.where(one_sided, s.n_one_sided + 1, 0)
+    one_sided_again = n_one_sided >= _ONE_SIDED_LIMIT
     use = use & (edge | (~stalled & ~one_sided_again))
     nxt = jnp.where(use, model, jnp.where(stalled & ~edge, jnp.sqrt(lo * hi), nxt))
-    s = s._replace(n_model=s.n_model + use.astype(jnp.int32), by_model=use)
+    s = s._replace(n_model=s.n_model + use.astype(jnp.int32), by_model=use,
+                   n_one_sided=n_one_sided.astype(jnp.int32))
   return s._replace(eta=nxt, e_prev=eta, f_prev=f)
 
 
@@ -316,7 +326,7 @@ def _run_search(trial_loss, l0, slope, resolution, *, eta0, n0, tol, growth, max
       eta=eta0, lo=jnp.zeros((), dtype), hi=jnp.asarray(jnp.inf, dtype),
       f_lo=jnp.zeros((), dtype), f_hi=jnp.zeros((), dtype), f_eta=jnp.zeros((), dtype),
       e_prev=jnp.zeros((), dtype), f_prev=jnp.zeros((), dtype), num_evals=jnp.int32(n0),
-      n_model=jnp.int32(0), by_model=jnp.bool_(False), done=nonfinite | not_descent,
+      n_model=jnp.int32(0), by_model=jnp.bool_(False), n_one_sided=jnp.int32(0), done=nonfinite | not_descent,
       status=jnp.where(nonfinite, STATUS_NONFINITE, STATUS_NOT_DESCENT).astype(jnp.int32))
 
   def body(s):

@@ -347,16 +347,23 @@ def test_interpolating_search_keeps_the_guarantee_with_fewer_evaluations(seed):
 
 
 def test_interpolating_search_on_a_non_quadratic_line():
-  # Loss along the line: a quartic whose crossing point is known in closed form.
-  # L(θ − η) − L(θ) = −η + η⁴ (θ = 0, d = 1, L(x) = x + x⁴) → η* = 1.
-  loss = lambda p: jnp.sum(-p + p ** 4)
-  for guess in (0.1, 0.9, 1.0, 3.0, 50.0):
-    for method in ("bisect", "interpolate"):
-      out = curvature.critical_sharpness(loss, jnp.zeros(1), -jnp.ones(1),
-                                         step_guess=guess, method=method, tol_power=6)
-      assert int(out.status) == curvature.STATUS_OK
-      assert float(out.lower) <= 1.0 + 1e-6 and float(out.upper) >= 1.0 - 1e-6
-      assert 1 - float(out.lower) / float(out.upper) <= 2.0 ** -6
+  # Losses along the line whose crossing point is known in closed form (θ = 0, d = −1, so
+  # L(θ − ηd) − L(θ) = f(η)): a quartic, −η + η⁴ (η* = 1), whose curvature grows with η; and
+  # −η + 4(√(1 + η²) − 1) (η* = 8/15), whose curvature falls with η, like a loss that turns
+  # linear far out: a parabola through one far trial lands on the same side again, the path
+  # that trusts the model for two one-sided trials in a row.
+  lines = ((lambda p: jnp.sum(-p + p ** 4), 1.0),
+           (lambda p: jnp.sum(-p + 4.0 * (jnp.sqrt(1.0 + p ** 2) - 1.0)), 8.0 / 15.0))
+  for loss, eta_star in lines:
+    for guess in (0.02, 0.1, 0.9, 1.0, 1.5, 3.0, 50.0):
+      for method in ("bisect", "interpolate"):
+        out = curvature.critical_sharpness(loss, jnp.zeros(1), -jnp.ones(1),
+                                           step_guess=guess, method=method, tol_power=6)
+        assert int(out.status) == curvature.STATUS_OK, (eta_star, guess, method)
+        # float32 trial steps: the ends may sit a few ulps of η* on the wrong side.
+        slack = 8 * float(jnp.finfo(jnp.float32).eps) * eta_star
+        assert float(out.lower) <= eta_star + slack and float(out.upper) >= eta_star - slack
+        assert 1 - float(out.lower) / float(out.upper) <= 2.0 ** -6
 
 
 @pytest.mark.parametrize("seed", range(4))

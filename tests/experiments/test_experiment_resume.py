@@ -11,6 +11,7 @@ cache stores XLA's output for the same HLO, so the numbers are those of a fresh 
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -208,7 +209,9 @@ def test_sigkilled_cli_data_mixing_run_resumes_to_identical_metrics(tmp_path, co
   """``python -m experiments.run`` SIGKILLed at a seeded random step, rerun → same metrics.jsonl.
 
   data_mixing: two data iterators, and the relative-sharpness searches warm-start from the
-  previous measurement (host-side state that the checkpoint must carry).
+  previous measurement (host-side state that the checkpoint must carry). The straight run is
+  also the data_mixing smoke test: the relative matrix every 3 steps, both evaluation losses,
+  its plots, and one compilation of the step.
   """
   # The monitor's state in a checkpoint is resumed in the full-batch test; off here, its
   # compilation would be most of this test's time.
@@ -220,9 +223,20 @@ def test_sigkilled_cli_data_mixing_run_resumes_to_identical_metrics(tmp_path, co
   rng = np.random.default_rng(2024)
   kill_after_rows = int(rng.integers(6, 14))  # after ≥ 1 checkpoint committed
   straight = str(tmp_path / "straight")
-  trainer.train_and_evaluate(_config("configs/data_mixing.py:smoke", **flags), straight)
+  summary = trainer.train_and_evaluate(
+      _config("configs/data_mixing.py:smoke", **{**flags, "plots": True}), straight)
   want = _lines(straight)
-  assert "curv/relative/code_along_prose" in want[3]
+  rows = [json.loads(line) for line in want]
+  keys = [f"curv/relative/{a}_along_{b}" for a in ("code", "prose") for b in ("code", "prose")]
+  measured = [r for r in rows if keys[0] in r]
+  assert [r["step"] for r in measured] == [0, 3, 6, 9, 12, 15, 18, 19]  # and the last step
+  for r in measured:
+    for k in keys:
+      assert math.isfinite(r[k]) and r[k] >= 0, (k, r[k])
+  assert {"eval/code_loss", "eval/prose_loss"} <= set(rows[-1])
+  for plot in ("sharpness.png", "relative_sharpness.png"):
+    assert os.path.getsize(os.path.join(straight, "plots", plot)) > 10_000
+  assert summary["jit_compilations"] == 1
 
   workdir = tmp_path / "killed"
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
