@@ -349,6 +349,12 @@ def relative_sharpness_probe(
               relative_value_fns={"prose": lambda p: loss_fn(p, prose_batch)})
 
   A step of size η on the training loss raises :math:`L_k` when ``lr_sharpness[k]`` > 2.
+
+  The direction is the chain's own update, the one the run takes (for AdamW its moments
+  carry the history of the training mix): the in-training reading of the paper's quantity.
+  Kalra et al.'s Fig. 5 measures along a *fresh* optimizer's first step on a candidate mix from
+  a fixed checkpoint instead; :func:`curvature.relative_sharpness_band` with such directions
+  (and ``experiments.repro_mixing``) does that.
   Status and non-finite handling per name as in :func:`curvature.critical_sharpness`;
   ``STATUS_NOT_DESCENT`` means the update raises :math:`L_k` at every step size.
 
