@@ -67,15 +67,20 @@ area measures the phase lag of a periodic response.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import NamedTuple
 
 import numpy as np
-from scipy import interpolate as _interp
-from scipy import signal as _signal
-from scipy import stats as _stats
 
 from convergence import _trajectory
+
+
+def _scipy(name: str):
+  """``scipy.<name>``, imported on first use: importing scipy.signal, .stats and .interpolate
+  up front cost ~1 s in every process that imports losslab (the CLI, each test child)."""
+  return importlib.import_module(f"scipy.{name}")
+
 
 IDENTIFIED = "identified"
 NOT_IDENTIFIABLE = "not_identifiable"
@@ -134,7 +139,7 @@ def _as_runs(x, name):
 def _spline_basis(x, knots_inner, lo, hi, degree=3):
   t = np.concatenate([[lo] * (degree + 1), knots_inner, [hi] * (degree + 1)])
   xc = np.clip(x, lo, hi)
-  return _interp.BSpline.design_matrix(xc, t, degree).toarray()
+  return _scipy("interpolate").BSpline.design_matrix(xc, t, degree).toarray()
 
 
 def _gram_whitener(g):
@@ -176,7 +181,7 @@ def _surrogates(e, leverage, num, rng):
 
 def _sg_level(h, order=4):
   """Weights of the level of a degree-``order`` local polynomial on [−h, h] (Savitzky–Golay)."""
-  return _signal.savgol_coeffs(2 * h + 1, min(order, 2 * h))
+  return _scipy("signal").savgol_coeffs(2 * h + 1, min(order, 2 * h))
 
 
 def _crossings(lags, stat, crit):
@@ -244,7 +249,8 @@ def _bootstrap_metric(y, fit, white_basis, u, coef, knots, lims, reg, noise, win
   # Loss noise: δ = L̃ − L is the smoothing of the loss noise with the window the smoother
   # chose; to first order the metric fit sees −ĝ'(L̃(t − d̂))·δ(t − d̂).
   tk = np.concatenate([[lims[0]] * 4, knots, [lims[1]] * 4])
-  slope = np.nan_to_num(_interp.BSpline(tk, coef, 3).derivative()(np.clip(reg[u], *lims)))
+  spline = _scipy("interpolate").BSpline(tk, coef, 3)
+  slope = np.nan_to_num(spline.derivative()(np.clip(reg[u], *lims)))
   if noise > 0:
     eps = np.fft.rfft(rng.normal(0.0, noise, size=(reg.size, num_bootstrap)),
                       n=2 * reg.size, axis=0)
@@ -524,7 +530,7 @@ def estimate_lag(
   link = _LaggedLink(losses, metrics, lags, max_lag=max_lag, num_knots=num_knots,
                      num_shifts=num_shifts, shared_link=shared_link, smooth=smooth)
   coarse, rss, p_value = _shift_test(link, lags, num_shifts)       # 1. no-relation test
-  crit = float(_stats.chi2.ppf(coverage, 1))
+  crit = float(_scipy("stats").chi2.ppf(coverage, 1))
   method = (f"circular-shift test of max_d R²(d) (lagged spline link vs a constant mean), "
             f"{num_shifts} shifts, level {level:g}")
   profile = _Profile(link, lags, coarse, rss, crit=crit, max_rel_width=max_rel_width,

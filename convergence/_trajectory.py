@@ -39,6 +39,7 @@ over a sliding window of W steps; its decay rate r is the least-squares slope of
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from typing import Any, NamedTuple, Sequence
@@ -48,8 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from numpy.polynomial import legendre as _leg
-from scipy import signal as _signal
-from scipy import stats as _stats
+
+
+def _scipy(name: str):
+  """``scipy.<name>``, imported on first use: importing scipy.signal, .stats and .interpolate
+  up front cost ~1 s in every process that imports losslab (the CLI, each test child)."""
+  return importlib.import_module(f"scipy.{name}")
 
 
 _MAD = 1.482602218505602  # 1 / Φ⁻¹(3/4): MAD → standard deviation for Gaussian noise.
@@ -143,12 +148,12 @@ def _local_poly(y: np.ndarray, valid: np.ndarray, h: int, order: int, max_deriva
   gram = np.empty((n, p1, p1))
   rhs = np.empty((n, p1))
   for a in range(p1):
-    rhs[:, a] = _signal.correlate(wy, phi[:, a], mode="same")
+    rhs[:, a] = _scipy("signal").correlate(wy, phi[:, a], mode="same")
     for b in range(a, p1):
-      g = _signal.correlate(w, phi[:, a] * phi[:, b], mode="same")
+      g = _scipy("signal").correlate(w, phi[:, a] * phi[:, b], mode="same")
       gram[:, a, b] = g
       gram[:, b, a] = g
-  count = _signal.correlate(w, mask_j, mode="same")
+  count = _scipy("signal").correlate(w, mask_j, mode="same")
   ok = count > order + 0.5
   gram[~ok] = np.eye(p1)
   ginv = np.linalg.inv(gram)
@@ -290,7 +295,7 @@ def local_derivatives(
   est, se = pick(ests), pick(ses)
   scale = dt ** np.arange(4)[:, None]
   est, se = est / scale, se / scale
-  z = float(_stats.norm.ppf(0.5 + coverage / 2))
+  z = float(_scipy("stats").norm.ppf(0.5 + coverage / 2))
   return Fingerprint(steps=steps_arr, value=est[0], d1=est[1], d2=est[2], d3=est[3], se=se,
                      lower=est - z * se, upper=est + z * se,
                      half_width=np.asarray(widths)[idx], noise=sigma, coverage=coverage,
@@ -365,7 +370,7 @@ def detect_jumps(
   score[:, :h] = 0.0            # one-sided windows must be complete
   score[:, n - h + 1:] = 0.0
   if threshold is None:
-    threshold = float(_stats.norm.ppf(1 - alpha / (6 * max(n, 1))))
+    threshold = float(_scipy("stats").norm.ppf(1 - alpha / (6 * max(n, 1))))
   best = score.max(axis=0).copy()
   out_steps, out_orders, out_scores, out_sizes = [], [], [], []
   while True:   # greedy non-maximum suppression: the strongest first, then ±h around it
