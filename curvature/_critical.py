@@ -58,7 +58,7 @@ _MAX_MODEL_TRIALS = 4
 # neither did), the next trial is the paper's (x growth or / growth). Two: the first model
 # trial, from the parabola through one far trial, often errs by 10-30 % on the same side as
 # that trial; the second, from the parabola through the last two trials, rarely does
-# (benchmarks/critical_bench.py: 5-6 evaluations in 8 of 80 GPT searches with one, 2 with two).
+# (benchmarks/critical_bench.py, GPT: 5-6 evaluations in 8 of 60 searches with one, 2 with two).
 _ONE_SIDED_LIMIT = 2
 # One model trial extrapolates at most this factor beyond the largest step without a rise: a
 # parabola fitted where the line is still flat can overshoot (and a far step can overflow).

@@ -47,8 +47,8 @@ def _check_run_dir(workdir, num_steps, plots=("sharpness.png",)):
 
 
 def test_edge_of_stability_smoke(tmp_path):
-  workdir, summary = _run(tmp_path, "configs/edge_of_stability.py:smoke", "eos",
-                          monitor=True, num_steps=12, **{"probe.lanczos_every": 6, "probe.lanczos_iters": 8,
+  workdir, summary = _run(tmp_path, "configs/edge_of_stability.py:smoke", "eos", monitor=True,
+                          num_steps=12, **{"probe.lanczos_every": 6, "probe.lanczos_iters": 8,
                                            "eval_every": 6})
   rows = _check_run_dir(workdir, 12)
   lam = {r["step"]: r["curv/lambda_max"] for r in rows if "curv/lambda_max" in r}
