@@ -67,19 +67,12 @@ area measures the phase lag of a periodic response.
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import NamedTuple
 
 import numpy as np
 
 from convergence import _trajectory
-
-
-def _scipy(name: str):
-  """``scipy.<name>``, imported on first use: importing scipy.signal, .stats and .interpolate
-  up front cost ~1 s in every process that imports losslab (the CLI, each test child)."""
-  return importlib.import_module(f"scipy.{name}")
 
 
 IDENTIFIED = "identified"
@@ -139,7 +132,7 @@ def _as_runs(x, name):
 def _spline_basis(x, knots_inner, lo, hi, degree=3):
   t = np.concatenate([[lo] * (degree + 1), knots_inner, [hi] * (degree + 1)])
   xc = np.clip(x, lo, hi)
-  return _scipy("interpolate").BSpline.design_matrix(xc, t, degree).toarray()
+  return _trajectory._scipy("interpolate").BSpline.design_matrix(xc, t, degree).toarray()
 
 
 def _gram_whitener(g):
@@ -181,7 +174,7 @@ def _surrogates(e, leverage, num, rng):
 
 def _sg_level(h, order=4):
   """Weights of the level of a degree-``order`` local polynomial on [−h, h] (Savitzky–Golay)."""
-  return _scipy("signal").savgol_coeffs(2 * h + 1, min(order, 2 * h))
+  return _trajectory._scipy("signal").savgol_coeffs(2 * h + 1, min(order, 2 * h))
 
 
 def _crossings(lags, stat, crit):
@@ -249,7 +242,7 @@ def _bootstrap_metric(y, fit, white_basis, u, coef, knots, lims, reg, noise, win
   # Loss noise: δ = L̃ − L is the smoothing of the loss noise with the window the smoother
   # chose; to first order the metric fit sees −ĝ'(L̃(t − d̂))·δ(t − d̂).
   tk = np.concatenate([[lims[0]] * 4, knots, [lims[1]] * 4])
-  spline = _scipy("interpolate").BSpline(tk, coef, 3)
+  spline = _trajectory._scipy("interpolate").BSpline(tk, coef, 3)
   slope = np.nan_to_num(spline.derivative()(np.clip(reg[u], *lims)))
   if noise > 0:
     eps = np.fft.rfft(rng.normal(0.0, noise, size=(reg.size, num_bootstrap)),
@@ -530,7 +523,7 @@ def estimate_lag(
   link = _LaggedLink(losses, metrics, lags, max_lag=max_lag, num_knots=num_knots,
                      num_shifts=num_shifts, shared_link=shared_link, smooth=smooth)
   coarse, rss, p_value = _shift_test(link, lags, num_shifts)       # 1. no-relation test
-  crit = float(_scipy("stats").chi2.ppf(coverage, 1))
+  crit = float(_trajectory._scipy("stats").chi2.ppf(coverage, 1))
   method = (f"circular-shift test of max_d R²(d) (lagged spline link vs a constant mean), "
             f"{num_shifts} shifts, level {level:g}")
   profile = _Profile(link, lags, coarse, rss, crit=crit, max_rel_width=max_rel_width,
