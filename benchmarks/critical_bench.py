@@ -10,8 +10,10 @@ default) and ``bracket="convex"``. Each step of each is timed, one after the oth
 on the machine (shared with other jobs) falls on all alike; the ratio of the medians is the
 probe's cost in train steps (target ≤ 2.0: at most one extra step). Timed with them: the plain
 step plus three forward passes along its update at fixed steps, the cost of a 3-trial search
-with nothing else (on the GPT three forward passes inside the step are one whole step), and
-how far each warm start (the previous η_c) is from the η_c it finds: a bracket of two tried
+with nothing else (the probe's cost is this floor plus a few per cent: how it compares with 2.0
+is what one forward pass costs against a train step on the machine); two trials one after the
+other against the same two batched with ``jax.vmap`` (whether evaluating trials together would
+pay on this hardware); and how far each warm start (the previous η_c) is from the η_c it finds: a bracket of two tried
 steps within 2^-k needs a third trial unless the start is already within 2^-k.
 
 Along the first probed run's update (AdamW's unit-LR Δθ), untimed, the standalone
@@ -70,6 +72,21 @@ def _steps(loss_fn, pre, plain, probed):
       acc = acc + loss_fn(jax.tree.map(lambda a, d: a + e * (1 + 1e-9 * acc) * d, p, u), b)
     return optax.apply_updates(p, u), s, acc
 
+  def trial(p, b, e):
+    """L(θ − ηΔθ) along Δθ = θ/100: the cost of a trial does not depend on the direction."""
+    return loss_fn(jax.tree.map(lambda a: a - 0.01 * e * a, p), b)
+
+  @jax.jit
+  def pair_in_turn(p, b):
+    """Two trials, the second's step depending on the first's loss, as in the search."""
+    first = trial(p, b, 0.5)
+    return first + trial(p, b, 1.0 + 1e-9 * first)
+
+  @jax.jit
+  def pair_together(p, b):
+    """The same two trials evaluated together (``jax.vmap`` over the step)."""
+    return jnp.sum(jax.vmap(lambda e: trial(p, b, e))(jnp.asarray([0.5, 1.0])))
+
   @jax.jit
   def standalone(p, s, b, guesses):
     loss, g = jax.value_and_grad(loss_fn)(p, b)
@@ -81,7 +98,8 @@ def _steps(loss_fn, pre, plain, probed):
           method=method, growth=growth))
     return out
 
-  return make(plain), {b: make(tx) for b, tx in probed.items()}, standalone, floor
+  return (make(plain), {b: make(tx) for b, tx in probed.items()}, standalone, floor,
+          (pair_in_turn, pair_together))
 
 
 def _histogram(counts) -> str:
@@ -97,12 +115,13 @@ def _timed(fn, *args):
 
 def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -> dict:
   pre, plain, probed = _chains(lr)
-  plain_step, probe_step, standalone, floor_step = _steps(loss_fn, pre, plain, probed)
+  plain_step, probe_step, standalone, floor_step, pairs = _steps(loss_fn, pre, plain, probed)
   fwd = jax.jit(loss_fn)
   s_plain, p_plain = plain.init(params), params
   runs = {b: (params, tx.init(params)) for b, tx in probed.items()}
   guesses = (jnp.float32(1.0), jnp.float32(1.0))
   t_plain, t_fwd, t_floor, evals = [], [], [], {"interpolate": [], "bisect": []}
+  t_pairs = ([], [])
   t_probe, probe_evals = {b: [] for b in BRACKETS}, {b: [] for b in BRACKETS}
   worst, statuses, guess_err = 0.0, collections.Counter(), []
   for t in range(warmup + steps):
@@ -118,11 +137,14 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
       runs[k], dt[k] = _timed(probe_step[k], *runs[k], b)
     _, dt_fwd = _timed(fwd, p_plain, b)
     _, dt_floor = _timed(floor_step, p_plain, s_plain, b)
+    dt_pairs = [_timed(f, p_plain, b)[1] for f in pairs]
     if t < warmup:
       continue
     t_plain.append(dt_plain)
     t_fwd.append(dt_fwd)
     t_floor.append(dt_floor)
+    for acc, dt_pair in zip(t_pairs, dt_pairs):
+      acc.append(dt_pair)
     for k in BRACKETS:
       t_probe[k].append(dt[k])
       probe_evals[k].append(int(runs[k][1][1].info.num_evals))
@@ -146,6 +168,10 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
       ("train step + 3 forward passes along its update, no search (median)",
        f"{np.median(t_floor) * 1e3:.1f} ms",
        f"{np.median(t_floor) / np.median(t_plain):.2f}x  (a 3-trial search's floor)"),
+      ("two trials one after the other; the same two together (jax.vmap over η)",
+       f"{np.median(t_pairs[0]) * 1e3:.1f} ms; {np.median(t_pairs[1]) * 1e3:.1f} ms",
+       f"together / in turn {np.median(t_pairs[1]) / np.median(t_pairs[0]):.2f}x  "
+       "(< 1: batching trials would pay)"),
       *[(f"train step + critical_sharpness_probe(bracket={k!r}) (median)",
          f"{np.median(t_probe[k]) * 1e3:.1f} ms", f"{ratio[k]:.2f}x  [target <= 2.0x]")
         for k in BRACKETS],
@@ -162,7 +188,8 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
       ("standalone paper's search (bisect, growth 2)", f"{np.mean(evals['bisect']):.2f}",
        f"histogram {{{_histogram(evals['bisect'])}}}"),
       ("largest |λ_c(default)/λ_c(paper) − 1|", f"{worst:.4f}",
-       f"each within {bound:.4f} of the crossing it bracketed"),
+       f"each within {bound:.4f} of the crossing it bracketed, so <= {2 * bound:.4f} apart "
+       "where both bracket the same one"),
       ("statuses", ", ".join(f"{m} {s}: {n}" for (m, s), n in sorted(statuses.items())), ""),
   ]
   print(f"\n#### {name}  ({jax.devices()[0].platform}, jax {jax.__version__}; "
