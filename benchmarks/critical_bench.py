@@ -13,8 +13,9 @@ step plus three forward passes along its update at fixed steps, the cost of a 3-
 with nothing else (the probe's cost is this floor plus a few per cent: how it compares with 2.0
 is what one forward pass costs against a train step on the machine); two trials one after the
 other against the same two batched with ``jax.vmap`` (whether evaluating trials together would
-pay on this hardware); and how far each warm start (the previous η_c) is from the η_c it finds: a bracket of two tried
-steps within 2^-k needs a third trial unless the start is already within 2^-k.
+pay on this hardware); and how far each warm start (the previous η_c) is from the η_c it finds:
+a bracket of two tried steps within 2^-k needs a third trial unless the start is already within
+2^-k.
 
 Along the first probed run's update (AdamW's unit-LR Δθ), untimed, the standalone
 ``curvature.critical_sharpness`` measures the same λ_c twice, each warm-started from its own
@@ -73,7 +74,7 @@ def _steps(loss_fn, pre, plain, probed):
     return optax.apply_updates(p, u), s, acc
 
   def trial(p, b, e):
-    """L(θ − ηΔθ) along Δθ = θ/100: the cost of a trial does not depend on the direction."""
+    """L(θ − ηΔθ) along Δθ = θ/100 (a trial's cost does not depend on the direction)."""
     return loss_fn(jax.tree.map(lambda a: a - 0.01 * e * a, p), b)
 
   @jax.jit

@@ -178,6 +178,8 @@ def _checkpoint_fields(c: ml_collections.ConfigDict) -> None:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True  # save checkpoints to workdir/checkpoints (Orbax, per-leaf SHA-256)
   c.checkpoint.every = 100  # save every N steps, and always at the end of the run
+  c.checkpoint.save_initial = False  # also save the state before the first update as step 0
+  #   (for probes measured afterwards from initialisation; a fresh run only)
   c.checkpoint.keep_preliminary = 3  # retention: latest N regular (preliminary) saves; -1 = all
   c.checkpoint.keep_observation = 3  # retention: latest N observation-tier saves; -1 = all
   c.checkpoint.keep_candidate = 3  # retention: best N candidates by candidate_metric; -1 = all

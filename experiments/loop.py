@@ -269,6 +269,13 @@ class CheckpointPolicy(Hook):
                "kind": "forced" if force else "regular", "tier": tier_name(tier),
                "reason": reason, "p_converged": self.last_row.get("monitor/p_converged")})
 
+  def save_initial(self, state: PyTree) -> None:
+    """Checkpoints ``state``, the state before the first update, as step 0 (a regular save:
+    0 is on every interval). Called by a fresh run, before its first batch is drawn, so the
+    data position saved is the iterator's initial one and a resume from it is a fresh start."""
+    if self.enabled:
+      self.save(0, 0, state)
+
   def emergency_save(self, step: int, state: PyTree, reason: str) -> None:
     """A pinned checkpoint of ``state``, the state before the flagged update ``step``."""
     self.mgr.emergency_save(step, self.payload(state), reason=reason,

@@ -136,7 +136,8 @@ def checkpoint_snapshot(workdir: str):
   if not checkpointing.has_checkpoints(workdir):
     raise MeasureError(f"no checkpoints in {checkpointing.checkpoint_dir(workdir)}: the run "
                        "saved none (rerun it with --config.checkpoint.enabled=True and "
-                       "--config.checkpoint.every=N).")
+                       "--config.checkpoint.every=N; --config.checkpoint.save_initial=True adds "
+                       "step 0).")
   tmp = tempfile.mkdtemp(prefix="losslab-measure-")
   mgr = None
   try:

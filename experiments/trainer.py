@@ -782,6 +782,8 @@ class _Run:
         monitor=self.monitor, last_row=last_row,
         last_eval=next(({"eval/loss": r["eval/loss"]} for r in reversed(rows)
                         if "eval/loss" in r), {}))
+    if resumed is None and ck.save_initial:
+      policy.save_initial(state)
     writer = records.MetricWriter(self.workdir, resume_step=start_step if resuming else None,
                                   enabled=self.is_primary)
     if start_step < config.num_steps:  # the first step compiles every jitted function

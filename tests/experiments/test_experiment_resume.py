@@ -134,17 +134,30 @@ def test_minibatch_gpt_resume_restores_the_data_position(tmp_path, monkeypatch):
                       "schedule.warmup_steps": 3, "checkpoint.every": 3,
                       # What this test is about is the data position; the monitor's and the
                       # probes' states are resumed in the full-batch test above.
-                      "probe.lanczos_every": 0, "monitor.enabled": False})
+                      "probe.lanczos_every": 0, "monitor.enabled": False,
+                      "checkpoint.save_initial": True})
   straight = str(tmp_path / "straight")
   trainer.train_and_evaluate(config, straight)
 
   resumed = str(tmp_path / "resumed")
   # Stopped exactly at a checkpoint step: row 6 is the first row the resumed run writes.
   _run_interrupted(monkeypatch, config, resumed, crash_at_row=6)
-  assert _steps(resumed) == [3, 6]
+  assert _steps(resumed) == [0, 3, 6]
   summary = trainer.train_and_evaluate(config, resumed)
   assert summary["resumed_from_step"] == 6 and summary["jit_compilations"] == 1
   assert _lines(resumed) == _lines(straight)
+
+  # Stopped before the first regular save: the initial checkpoint (no batch drawn yet) is a
+  # fresh start.
+  early = str(tmp_path / "early")
+  _run_interrupted(monkeypatch, config, early, crash_at_row=2)
+  assert _steps(early) == [0]
+  mgr = checkpointing.make_manager(config, early)
+  assert mgr.restore(0).metadata["data_position"] == {"epoch": 0, "index": 0, "seed": 0}
+  mgr.close()
+  summary = trainer.train_and_evaluate(config, early)
+  assert summary["resumed_from_step"] == 0
+  assert _lines(early) == _lines(straight)
 
   # The checkpoint holds the iterator position (9 batches of 8 drawn) and the config.
   mgr = checkpointing.make_manager(config, resumed)

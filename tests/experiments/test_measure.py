@@ -8,6 +8,7 @@ import os
 import shutil
 
 from absl import flags
+import jax
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ import convergence
 from experiments import config_lib
 from experiments import data as data_lib
 from experiments import measure
+from experiments import models
 from experiments import trainer
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("compile_cache")
 # Full-batch Adam on a 64-8-10 tanh MLP: small enough for a dense Hessian (610 parameters),
 # and the direction comes from a non-trivial optimizer state (Adam's moments).
 OVERRIDES = {"num_steps": 12, "checkpoint.every": 4, "checkpoint.keep_preliminary": -1,
+             "checkpoint.save_initial": True,
              "checkpoint.async_save": False, "model.widths": (8,), "data.subset_size": 128,
              "monitor.enabled": False, "probe.preconditioned_every": 0, "eval_every": 0,
              "progress_bar": False, "plots": False}
@@ -41,7 +44,7 @@ def _hashes(root):
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-  """A 12-step run with checkpoints 4, 8, 12, measured offline; hashes before and after."""
+  """A 12-step run with checkpoints 0, 4, 8, 12, measured offline; hashes before and after."""
   base = tmp_path_factory.mktemp("measure")
   workdir, out = str(base / "run"), str(base / "offline")
   config = config_lib.load_config("configs/edge_of_stability.py:adam,smoke", OVERRIDES)
@@ -70,7 +73,7 @@ def batch0(measured):
 
 def test_rows_and_files(measured):
   config, _, out, rows, _, _, _ = measured
-  assert [r["step"] for r in rows] == [4, 8, 12]  # every checkpoint the run kept
+  assert [r["step"] for r in rows] == [0, 4, 8, 12]  # every checkpoint the run kept
   with open(os.path.join(out, measure.METRICS_FILE), encoding="utf-8") as f:
     assert [json.loads(line) for line in f] == json.loads(json.dumps(rows))
   assert os.path.getsize(os.path.join(out, measure.FIGURE)) > 10_000
@@ -87,6 +90,20 @@ def test_rows_and_files(measured):
 def test_run_directory_unchanged(measured):
   _, _, _, _, before, after, _ = measured
   assert after == before  # the unfinished save included
+
+
+def test_step_0_is_the_initialisation(measured, tmp_path):
+  """``checkpoint.save_initial``: checkpoint 0 holds the model as built from the seed, before
+  any update, with a fresh optimizer state."""
+  config, workdir = measured[0], measured[1]
+  state = _restored(workdir, tmp_path, 0)
+  ds = data_lib.load_dataset(config.data, config.seed)
+  _, init = models.split_params(models.build_model(config.model, ds, config.seed))
+  got, want = jax.tree.leaves(state["params"]), jax.tree.leaves(init)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()  # the same program on one host
+  assert int(state["step"]) == 0 and int(state["opt_state"][0][0]["count"]) == 0
 
 
 def _restored(workdir, tmp_path, step):
@@ -193,7 +210,7 @@ def test_bad_arguments_fail_with_one_line(measured, tmp_path):
       (dict(workdir=str(tmp_path / "absent")), "no such directory"),
       (dict(workdir=str(tmp_path)), "has no config.json"),
       (dict(workdir=workdir, probes=("critical", "hessian")), "unknown probe(s) ['hessian']"),
-      (dict(workdir=workdir, steps=[5]), "no checkpoint at [5]; the run kept [4, 8, 12]"),
+      (dict(workdir=workdir, steps=[5]), "no checkpoint at [5]; the run kept [0, 4, 8, 12]"),
   ]
   empty = tmp_path / "no_checkpoints"
   empty.mkdir()
