@@ -85,3 +85,33 @@ def pytest_xdist_make_scheduler(config, log):
       return module if module in _ONE_WORKER_MODULES else nodeid
 
   return _Scheduling(config, log)
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+class Interrupted(Exception):
+  """Stands in for a crash of the training process (raised by ``interrupt_at_row``)."""
+
+
+@pytest.fixture
+def interrupt_at_row(monkeypatch):
+  """``interrupt_at_row(run, row)`` calls ``run()`` with the metric writer raising
+  :class:`Interrupted` as row ``row`` is about to be written, and expects it: what a process
+  killed there leaves behind (its committed checkpoints, rows ``0 … row − 1``)."""
+  from experiments import records  # pylint: disable=g-import-not-at-top
+
+  def interrupt(run, row: int) -> None:
+    original = records.MetricWriter.write
+
+    def write(self, step, metrics):
+      if step == row:
+        raise Interrupted(step)
+      original(self, step, metrics)
+
+    with monkeypatch.context() as m:
+      m.setattr(records.MetricWriter, "write", write)
+      with pytest.raises(Interrupted):
+        run()
+
+  return interrupt

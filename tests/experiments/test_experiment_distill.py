@@ -21,14 +21,9 @@ from experiments import config_lib
 from experiments import data as data_lib
 from experiments import distill_objective
 from experiments import distillation
-from experiments import records
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.usefixtures("compile_cache")
-
-
-class Interrupted(Exception):
-  """Stands in for a crash of the distillation process."""
 
 
 def _get_config(arg):
@@ -161,21 +156,13 @@ def test_controller_decisions_follow_its_rules(adaptive_run):
   assert summary["controller/stage"] == 2 and summary["controller/audit_records"] == 8
 
 
-def test_interrupted_and_resumed_run_equals_straight_run(adaptive_run, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_equals_straight_run(adaptive_run, tmp_path,
+                                                         interrupt_at_row):
   straight_dir, straight = adaptive_run
   workdir = str(tmp_path / "resumed")
   config = _adaptive(straight["teacher_dir"])
-  original = records.MetricWriter.write
-
-  def write(self, step, metrics):
-    if step == 5:  # after checkpoint 4 and the controller's audit record of step 5
-      raise Interrupted(step)
-    original(self, step, metrics)
-
-  with monkeypatch.context() as m:
-    m.setattr(records.MetricWriter, "write", write)
-    with pytest.raises(Interrupted):
-      distillation.distill_and_evaluate(config, workdir)
+  # Row 5: after checkpoint 4 and the controller's audit record of step 5.
+  interrupt_at_row(lambda: distillation.distill_and_evaluate(config, workdir), 5)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:2] == ["2", "4"]
   assert any('"step": 5' in line for line in
              _lines(os.path.join(workdir, "controller_audit.jsonl")))

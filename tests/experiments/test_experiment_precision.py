@@ -403,25 +403,12 @@ def test_trainer_logs_the_dynamic_scale_and_probes_in_float32(bf16_run, tmp_path
   np.testing.assert_allclose(bf16_run[0]["train/loss"], ref["train/loss"], rtol=BF16_LOSS_RTOL)
 
 
-def test_bf16_run_resumes_exactly_with_its_loss_scale(bf16_run, tmp_path, monkeypatch):
+def test_bf16_run_resumes_exactly_with_its_loss_scale(bf16_run, tmp_path, interrupt_at_row):
   """Crash before row 5 (after the checkpoint at step 5, the end of warmup), resume: the loss
   scale comes back from the checkpoint (it doubled twice by then; a fresh scale would log 2^15
   at step 5) and every row equals the uninterrupted run's bit for bit."""
   from experiments import trainer  # pylint: disable=g-import-not-at-top
-  original = trainer.MetricWriter.write
-
-  class Crash(Exception):
-    pass
-
-  def write(self, step, metrics):
-    if step == 5:
-      raise Crash(step)
-    original(self, step, metrics)
-
-  with monkeypatch.context() as m:
-    m.setattr(trainer.MetricWriter, "write", write)
-    with pytest.raises(Crash):
-      trainer.train_and_evaluate(_run_config(), str(tmp_path))
+  interrupt_at_row(lambda: trainer.train_and_evaluate(_run_config(), str(tmp_path)), 5)
   summary = trainer.train_and_evaluate(_run_config(), str(tmp_path))
   assert summary["resumed_from_step"] == 5
   assert _rows(tmp_path) == bf16_run

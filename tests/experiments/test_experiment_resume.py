@@ -29,10 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
-class Interrupted(Exception):
-  """Stands in for a crash of the training process."""
-
-
 def _config(spec, **overrides):
   return config_lib.load_config(spec, {"progress_bar": False, "plots": False, **overrides})
 
@@ -54,21 +50,6 @@ def _steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
-def _run_interrupted(monkeypatch, config, workdir, crash_at_row):
-  """Runs ``config`` until row ``crash_at_row`` is about to be written, then raises."""
-  original = trainer.MetricWriter.write
-
-  def write(self, step, metrics):
-    if step == crash_at_row:
-      raise Interrupted(step)
-    original(self, step, metrics)
-
-  with monkeypatch.context() as m:
-    m.setattr(trainer.MetricWriter, "write", write)
-    with pytest.raises(Interrupted):
-      trainer.train_and_evaluate(config, workdir)
-
-
 def _flip_bytes(workdir, step):
   """Corrupts the largest array file of checkpoint ``step`` (4 bytes in its middle)."""
   root = os.path.join(workdir, "checkpoints", str(step), "state")
@@ -83,7 +64,7 @@ def _flip_bytes(workdir, step):
 
 
 def test_full_batch_resume_after_crash_and_corrupt_checkpoint_is_bit_exact(tmp_path,
-                                                                           monkeypatch):
+                                                                           interrupt_at_row):
   config = _config("configs/edge_of_stability.py:smoke", num_steps=12,
                    **{"probe.lanczos_every": 5, "probe.lanczos_iters": 6, "eval_every": 4,
                       "checkpoint.every": 4})
@@ -91,7 +72,7 @@ def test_full_batch_resume_after_crash_and_corrupt_checkpoint_is_bit_exact(tmp_p
   trainer.train_and_evaluate(config, straight)
 
   resumed = str(tmp_path / "resumed")
-  _run_interrupted(monkeypatch, config, resumed, crash_at_row=10)
+  interrupt_at_row(lambda: trainer.train_and_evaluate(config, resumed), 10)
   assert _steps(resumed) == [4, 8]
   assert len(_lines(resumed)) == 10  # rows 0..9 written before the crash
   # The newest checkpoint is damaged: the resume must refuse it, fall back to step 4, delete
@@ -128,7 +109,7 @@ def test_full_batch_resume_after_crash_and_corrupt_checkpoint_is_bit_exact(tmp_p
   assert _lines(resumed) == want
 
 
-def test_minibatch_gpt_resume_restores_the_data_position(tmp_path, monkeypatch):
+def test_minibatch_gpt_resume_restores_the_data_position(tmp_path, interrupt_at_row):
   config = _config("configs/olmo_style.py:wsd,smoke", num_steps=10,
                    **{"probe.preconditioned_every": 0, "eval_every": 5,
                       "schedule.warmup_steps": 3, "checkpoint.every": 3,
@@ -141,7 +122,7 @@ def test_minibatch_gpt_resume_restores_the_data_position(tmp_path, monkeypatch):
 
   resumed = str(tmp_path / "resumed")
   # Stopped exactly at a checkpoint step: row 6 is the first row the resumed run writes.
-  _run_interrupted(monkeypatch, config, resumed, crash_at_row=6)
+  interrupt_at_row(lambda: trainer.train_and_evaluate(config, resumed), 6)
   assert _steps(resumed) == [0, 3, 6]
   summary = trainer.train_and_evaluate(config, resumed)
   assert summary["resumed_from_step"] == 6 and summary["jit_compilations"] == 1
@@ -150,7 +131,7 @@ def test_minibatch_gpt_resume_restores_the_data_position(tmp_path, monkeypatch):
   # Stopped before the first regular save: the initial checkpoint (no batch drawn yet) is a
   # fresh start.
   early = str(tmp_path / "early")
-  _run_interrupted(monkeypatch, config, early, crash_at_row=2)
+  interrupt_at_row(lambda: trainer.train_and_evaluate(config, early), 2)
   assert _steps(early) == [0]
   mgr = checkpointing.make_manager(config, early)
   assert mgr.restore(0).metadata["data_position"] == {"epoch": 0, "index": 0, "seed": 0}

@@ -106,17 +106,13 @@ def test_stage_boundary_is_where_the_data_switches():
 # ---------------------------------------------------------------------------------------------
 
 
-class _Interrupted(Exception):
-  pass
-
-
 def _lines(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return f.read().splitlines()
 
 
 @pytest.mark.usefixtures("compile_cache")
-def test_resume_across_the_switch_is_exact(tmp_path, monkeypatch):
+def test_resume_across_the_switch_is_exact(tmp_path, interrupt_at_row):
   config = config_lib.load_config(f"{CONFIG}:smoke", {"progress_bar": False})
   assert config.data.switch_step == 18
   straight = str(tmp_path / "straight")
@@ -125,17 +121,7 @@ def test_resume_across_the_switch_is_exact(tmp_path, monkeypatch):
   # data position, draws its last two batches, switches to the mix at 18 and carries on. (A
   # position inside stage 2 is restored in the iterator test above, through the same JSON.)
   workdir = str(tmp_path / "resumed")
-  original = trainer.MetricWriter.write
-
-  def write(self, step, metrics):
-    if step == 17:
-      raise _Interrupted(step)
-    original(self, step, metrics)
-
-  with monkeypatch.context() as m:
-    m.setattr(trainer.MetricWriter, "write", write)
-    with pytest.raises(_Interrupted):
-      trainer.train_and_evaluate(config, workdir)
+  interrupt_at_row(lambda: trainer.train_and_evaluate(config, workdir), 17)
   summary = trainer.train_and_evaluate(config, workdir)
   assert summary["resumed_from_step"] == 16 and summary["jit_compilations"] == 1
   assert _lines(workdir) == _lines(straight)

@@ -92,26 +92,13 @@ def test_fsdp_shards_parameters_and_optimizer_state(devices):
 
 
 def test_fsdp_run_resumed_on_another_mesh_matches_one_device(devices, single, tmp_path,
-                                                            monkeypatch):
+                                                            interrupt_at_row):
   """An 8-device FSDP run (2×4 mesh) crashes after a checkpoint; the same command resumes it on a
   4-device mesh: Orbax re-shards the restored state onto the new mesh (its checksums verified)
   and every row, before and after the crash, matches the one-device reference."""
   workdir = str(tmp_path / "moved")
   fsdp = {"mesh.shape": (2, 4), "mesh.axis_names": ("data", "fsdp"), "mesh.layout": "fsdp"}
-  original = trainer.MetricWriter.write
-
-  class Crash(Exception):
-    pass
-
-  def write(self, step, metrics):
-    if step == 6:
-      raise Crash(step)
-    original(self, step, metrics)
-
-  with monkeypatch.context() as m:
-    m.setattr(trainer.MetricWriter, "write", write)
-    with pytest.raises(Crash):
-      trainer.train_and_evaluate(_config(**fsdp), workdir)
+  interrupt_at_row(lambda: trainer.train_and_evaluate(_config(**fsdp), workdir), 6)
   summary = trainer.train_and_evaluate(
       _config(**{"mesh.shape": (4,), "mesh.axis_names": ("data",), "mesh.layout": "fsdp"}),
       workdir)
