@@ -754,8 +754,14 @@ class _Run:
     return self.pl.state(state._replace(step=jnp.int32(step + 1)))
 
   def restore(self, state: TrainState, resumed: _Resumed) -> TrainState:
-    """Puts a resume's arrays into the state and the pieces."""
-    a = resumed.arrays
+    """Puts a resume's arrays into the state and the pieces.
+
+    On one device they pass through the host first: Orbax returns arrays committed to the
+    device, which a fresh run's are not, so every jitted function would lower to another
+    program (sharding annotations) and miss the persistent compilation cache a fresh run of
+    the same config filled. On a mesh both are placed with the same shardings already.
+    """
+    a = resumed.arrays if self.pl.mesh is not None else jax.device_get(resumed.arrays)
     state = self.pl.state(a["train"])
     self.probes.key = self.pl.place(a["rng"]["probe"], self.pl.small_sh)
     self.probes.guess = self.pl.place(loop.canonical(a["host"]["rel_guess"]), self.pl.small_sh)
