@@ -3,6 +3,13 @@
     python benchmarks/critical_bench.py            # GPT 0.44M (batch 32 x 128) and the MLP
     python benchmarks/critical_bench.py --quick    # a smaller GPT and fewer steps (~2 min)
 
+Timed two ways. Consecutive (the headline): each variant runs 20 steps in a row, as a training
+loop runs them, the variants taking turns 3 times, and the ratio of median step times is the
+probe's cost in train steps (target ≤ 2.0: at most one extra step). Interleaved: one step of each
+variant after the other. On a shared 2-core CPU the interleaved ratios move with whatever else the
+benchmark runs between steps (the same probe measured 2.03× and 1.70× ten minutes apart, with and
+without the vmap rows below), so they are printed for comparison only.
+
 Three AdamW runs from one initialisation, fed the same batches, are stepped in turn: a plain
 train step (value and grad, AdamW) and the same step with ``critical_sharpness_probe`` in the
 chain as the README shows it (``value=loss, grad=grads``), with ``bracket="trials"`` (the
@@ -114,7 +121,38 @@ def _timed(fn, *args):
   return out, time.perf_counter() - t0
 
 
-def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -> dict:
+def _consecutive(steppers: dict, batches: list, *, rounds: int, block: int) -> dict:
+  """Median time per step of each stepper run ``block`` steps in a row, as a training loop runs
+  them, the steppers taking turns ``rounds`` times (so that slow spells of the machine fall on
+  all). A stepper is ``(fn, state)`` with ``fn(*state, batch) -> new state``."""
+  times = {k: [] for k in steppers}
+  for r in range(rounds):
+    for name, (fn, state) in steppers.items():
+      for i in range(block):
+        state, dt = _timed(fn, *state, batches[(r * block + i) % len(batches)])
+        times[name].append(dt)
+      steppers[name] = (fn, state)
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _consecutive_rows(c: dict, rounds: int, block: int) -> list[tuple[str, str, str]]:
+  base = c["plain"]
+  head = f"consecutive steps ({rounds} rounds x {block}, as in a training loop): "
+  return [
+      (head + "train step", f"{base * 1e3:.1f} ms", "1.00x"),
+      *[(head + label, f"{c[k] * 1e3:.1f} ms", f"{c[k] / base:.2f}x{note}") for k, label, note in (
+          ("forward", "one forward pass", ""),
+          ("floor", "step + 3 forward passes, no search", "  (the floor)"),
+          ("trials", "step + probe(bracket='trials')", "  [target <= 2.0x]"),
+          ("convex", "step + probe(bracket='convex')", "  [target <= 2.0x]"))],
+      (head + "two trials together (vmap) / in turn",
+       f"{c['together'] * 1e3:.1f} / {c['in_turn'] * 1e3:.1f} ms",
+       f"{c['together'] / c['in_turn']:.2f}x  (< 1: batching trials would pay)"),
+  ]
+
+
+def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float,
+        rounds: int = 3, block: int = 20) -> dict:
   pre, plain, probed = _chains(lr)
   plain_step, probe_step, standalone, floor_step, pairs = _steps(loss_fn, pre, plain, probed)
   fwd = jax.jit(loss_fn)
@@ -125,8 +163,11 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
   t_pairs = ([], [])
   t_probe, probe_evals = {b: [] for b in BRACKETS}, {b: [] for b in BRACKETS}
   worst, statuses, guess_err = 0.0, collections.Counter(), []
+  seen = []
   for t in range(warmup + steps):
     b = next(batches)
+    if len(seen) < block:
+      seen.append(b)
     res = standalone(*runs["trials"], b, guesses)
     warm_from = float(guesses[0])
     guesses = tuple(jnp.where(jnp.isfinite(r.step_size), r.step_size, g).astype(jnp.float32)
@@ -158,12 +199,23 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
     a, c = (float(r.sharpness) for r in res)
     if np.isfinite(a) and np.isfinite(c) and c > 0:
       worst = max(worst, abs(a / c - 1))
+  # Each stepper's state carries its last output, so that the timer waits for it.
+  zero = jnp.float32(0)
+  consecutive = _consecutive(
+      {"plain": (plain_step, (p_plain, s_plain)),
+       "forward": (lambda p, _, b: (p, fwd(p, b)), (p_plain, zero)),
+       "floor": (lambda p, s, _, b: floor_step(p, s, b), (p_plain, s_plain, zero)),
+       **{k: (probe_step[k], runs[k]) for k in BRACKETS},
+       "in_turn": (lambda p, _, b: (p, pairs[0](p, b)), (p_plain, zero)),
+       "together": (lambda p, _, b: (p, pairs[1](p, b)), (p_plain, zero))},
+      seen, rounds=rounds, block=block)
   ratio = {k: float(np.median(t_probe[k]) / np.median(t_plain)) for k in BRACKETS}
   n_params = sum(x.size for x in jax.tree.leaves(params))
   bound = 2.0 ** -4 / (2 - 2.0 ** -4)
   rows = [
       ("parameters", f"{n_params:,}", ""),
-      ("train step, AdamW (median)", f"{np.median(t_plain) * 1e3:.1f} ms", "1.00x"),
+      ("interleaved (each step of each variant in turn): train step, AdamW (median)",
+       f"{np.median(t_plain) * 1e3:.1f} ms", "1.00x"),
       ("one forward pass (loss only)", f"{np.median(t_fwd) * 1e3:.1f} ms",
        f"{np.median(t_fwd) / np.median(t_plain):.2f}x"),
       ("train step + 3 forward passes along its update, no search (median)",
@@ -176,6 +228,7 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
       *[(f"train step + critical_sharpness_probe(bracket={k!r}) (median)",
          f"{np.median(t_probe[k]) * 1e3:.1f} ms", f"{ratio[k]:.2f}x  [target <= 2.0x]")
         for k in BRACKETS],
+      *_consecutive_rows(consecutive, rounds, block),
       *[(f"probe(bracket={k!r}): forward passes per warm measurement ({steps} steps)",
          f"{np.mean(probe_evals[k]):.2f}", f"histogram {{{_histogram(probe_evals[k])}}}")
         for k in BRACKETS],
@@ -199,7 +252,8 @@ def run(name, loss_fn, params, batches, *, warmup: int, steps: int, lr: float) -
   print("|---|---|---|")
   for r in rows:
     print(f"| {r[0]} | {r[1]} | {r[2]} |")
-  return dict(ratio=ratio, probe_evals={k: float(np.mean(v)) for k, v in probe_evals.items()},
+  return dict(ratio=ratio, consecutive={k: consecutive[k] / consecutive["plain"] for k in BRACKETS},
+              probe_evals={k: float(np.mean(v)) for k, v in probe_evals.items()},
               default_evals=float(np.mean(evals["interpolate"])),
               paper_evals=float(np.mean(evals["bisect"])))
 
