@@ -6,9 +6,11 @@
 Timed two ways. Consecutive (the headline): each variant runs 20 steps in a row, as a training
 loop runs them, the variants taking turns 3 times, and the ratio of median step times is the
 probe's cost in train steps (target ≤ 2.0: at most one extra step). Interleaved: one step of each
-variant after the other. On a shared 2-core CPU the interleaved ratios move with whatever else the
-benchmark runs between steps (the same probe measured 2.03× and 1.70× ten minutes apart, with and
-without the vmap rows below), so they are printed for comparison only.
+variant after the other, printed for comparison: a training loop runs one program back to back,
+and interleaving seven programs on a 2-core CPU makes each step's cost depend on what ran before
+it. Both modes follow what a forward pass costs against a train step on the machine, which moves
+on a shared one (the same interleaved code gave the probe 2.03× and 1.70× ten minutes apart, with
+a forward pass at 0.49× and 0.36× of the step).
 
 Three AdamW runs from one initialisation, fed the same batches, are stepped in turn: a plain
 train step (value and grad, AdamW) and the same step with ``critical_sharpness_probe`` in the
